@@ -1,0 +1,129 @@
+"""Shared pieces of the benchmark suite: timing, ceilings, result rows and files.
+
+Every benchmark times with ``triton.testing.do_bench`` (median, after warm-up) on random data,
+with its baseline in the same process on the same card, and reports each result as a fraction of
+the ceilings measured in the same run: device-to-device copy bandwidth (bytes read + written) and
+the bf16 matrix-product rate.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Row:
+    """One measurement: what ran, how long, and the work it did."""
+
+    bench: str  # e.g. "nf4_dequant"
+    case: str  # e.g. "4096x4096 dq=True"
+    provider: str  # "qkern", "torch", "bitsandbytes", "liger", "sdpa-flash", ...
+    ms: float
+    bytes: float = 0.0  # fewest bytes the op must move (read once + write once)
+    flops: float = 0.0
+    extra: dict = field(default_factory=dict)  # peak memory, errors, ratios, notes
+
+    def rates(self, ceilings: Ceilings | None) -> dict:
+        out = {}
+        if self.bytes:
+            gbs = self.bytes / self.ms / 1e6
+            out["GB/s"] = gbs
+            if ceilings:
+                out["%copy"] = 100 * gbs / ceilings.copy_gbs
+        if self.flops:
+            tfs = self.flops / self.ms / 1e9
+            out["TFLOP/s"] = tfs
+            if ceilings:
+                out["%matmul"] = 100 * tfs / ceilings.matmul_tflops
+        return out
+
+
+@dataclass
+class Ceilings:
+    copy_gbs: float
+    matmul_tflops: float
+
+
+def bench_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn`` on the current CUDA device (do_bench, events)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def _copy_ms(n: int) -> float:
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return bench_ms(lambda: dst.copy_(src))
+
+
+def _matmul_ms(n: int) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    return bench_ms(lambda: a @ b)
+
+
+def measure_ceilings() -> Ceilings:
+    """Device copy bandwidth (2 GiB, read + write) and bf16 8192^3 matmul rate on random data."""
+    n = 1 << 30  # 2 GiB of bf16
+    copy_ms = _copy_ms(n)
+    mm_ms = _matmul_ms(8192)
+    torch.cuda.empty_cache()
+    return Ceilings(copy_gbs=2 * 2 * n / copy_ms / 1e6, matmul_tflops=2 * 8192**3 / mm_ms / 1e9)
+
+
+def environment() -> dict:
+    import triton
+
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(
+            card=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1)
+        )
+    for mod in ("bitsandbytes", "liger_kernel", "transformers", "peft"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # not installed on this machine
+            pass
+    return env
+
+
+def write_results(path: Path, rows: list[Row], ceilings: Ceilings | None, env: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "environment": env,
+        "ceilings": asdict(ceilings) if ceilings else None,
+        "rows": [{**asdict(r), **r.rates(ceilings)} for r in rows],
+    }
+    path.write_text(json.dumps(payload, indent=1))
+
+
+def format_table(rows: list[Row], ceilings: Ceilings | None) -> str:
+    lines = [
+        f"{'bench':<14} {'case':<34} {'provider':<14} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
+        f"{'TFLOP/s':>8} {'%mm':>5}  extra"
+    ]
+    for r in rows:
+        rt = r.rates(ceilings)
+        extra = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.extra.items()
+        )
+        lines.append(
+            f"{r.bench:<14} {r.case:<34} {r.provider:<14} {r.ms:>9.4f} "
+            f"{rt.get('GB/s', 0):>8.0f} {rt.get('%copy', 0):>6.1f} "
+            f"{rt.get('TFLOP/s', 0):>8.1f} {rt.get('%matmul', 0):>5.1f}  {extra}"
+        )
+    return "\n".join(lines)
