@@ -1,0 +1,133 @@
+"""NF4 dequantize / quantize: qkern vs bitsandbytes on the same card, same process.
+
+Cases (bf16 weights, blocksize 64, NF4): dequantize with double quantization at 4096x4096,
+14336x4096, 8192x8192, 128256x4096; without double quantization at 4096x4096; quantize (with
+double quantization) at 4096x4096.
+
+Fewest bytes (read once + write once):
+  dequant, dq on : n/2 packed + n/64 absmax codes + 4 * ceil(n/64/256) nested + 2n output
+  dequant, dq off: n/2 packed + 4 * n/64 absmax + 2n output
+  quantize       : 2n input + n/2 packed + n/64 codes + 4 * ceil(n/64/256) nested
+
+Floors on H100 (copy ~3000 GB/s, bf16 matmul ~700 TFLOP/s; the FLOP floor — one multiply per
+element, 0.02-0.5 us — never binds, so the byte floor is the floor):
+
+  case                   bytes            byte floor   FLOP floor
+  4096x4096   dq         42,209,280 B      14.1 us      0.02 us
+  14336x4096  dq        147,732,480 B      49.2 us      0.08 us
+  8192x8192   dq        168,837,120 B      56.3 us      0.10 us
+  128256x4096 dq      1,321,678,080 B     440.6 us      0.75 us
+  4096x4096   no dq      42,991,616 B      14.3 us      0.02 us
+  quantize 4096x4096 dq  42,209,280 B      14.1 us      (plus 3 launches and one host sync)
+
+Targets (issue 2): >= 80% of copy bandwidth everywhere (4096x4096 <= ~18 us, >= 1.6x bnb),
+>= 90% at 128256x4096; quantize >= 10x faster than bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.common import Ceilings, Row, bench_ms
+
+SHAPES = [(4096, 4096), (14336, 4096), (8192, 8192), (128256, 4096)]
+BLOCKSIZE = 64
+# the torch reference materializes int64 indices (8 B per element): check it on shapes up to this
+REF_CHECK_MAX = 8192 * 8192
+
+
+def _dequant_bytes(n: int, dq: bool) -> float:
+    nb = n // BLOCKSIZE
+    scales = nb + 4 * math.ceil(nb / 256) if dq else 4 * nb
+    return n / 2 + scales + 2 * n
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    o, r = out.double(), ref.double()
+    return ((o - r).norm() / r.norm().clamp_min(1e-300)).item()
+
+
+def run(ceilings: Ceilings | None = None) -> list[Row]:
+    import qkern
+    from qkern import nf4
+
+    try:
+        import bitsandbytes.functional as F
+    except Exception:  # not installed: qkern rows only
+        F = None
+
+    rows: list[Row] = []
+    torch.manual_seed(0)
+    cases = [(shape, True) for shape in SHAPES] + [((4096, 4096), False)]
+    for (r, c), dq in cases:
+        n = r * c
+        w = torch.randn(r, c, device="cuda", dtype=torch.bfloat16) * 0.02
+        packed, state = qkern.quantize_4bit(w, BLOCKSIZE, "nf4", compress_statistics=dq)
+        out = torch.empty_like(w)
+        case = f"{r}x{c} dq={dq} bf16"
+        nbytes = _dequant_bytes(n, dq)
+        ms = bench_ms(lambda p=packed, s=state, o=out: qkern.dequantize_4bit(p, s, out=o))
+        extra: dict = {}
+        if n <= REF_CHECK_MAX:
+            ref = nf4.dequantize_4bit_ref(packed, state)
+            extra["rel_err_vs_ref"] = _rel_err(out, ref)
+            extra["mismatch_vs_ref"] = int((out != ref).sum())
+            del ref
+        if F is not None:
+            pb, sb = F.quantize_4bit(
+                w, blocksize=BLOCKSIZE, compress_statistics=dq, quant_type="nf4"
+            )
+            out_b = torch.empty_like(w)
+            ms_b = bench_ms(
+                lambda p=pb, s=sb, o=out_b: F.dequantize_4bit(
+                    p, s, out=o, blocksize=BLOCKSIZE, quant_type="nf4"
+                )
+            )
+            extra["speedup_vs_bnb"] = ms_b / ms
+            extra["same_bytes_as_bnb"] = bool(torch.equal(pb, packed))
+            # bnb dequantizing its own state vs ours dequantizing the same state
+            qs = {f"w.{k}": v for k, v in sb.as_dict(packed=True).items()}
+            ours_of_bnb = qkern.dequantize_4bit(
+                pb, nf4.QuantState.from_bnb_dict(qs, "w").to("cuda")
+            )
+            extra["mismatch_vs_bnb"] = int((ours_of_bnb != out_b).sum())
+            rows.append(Row("nf4_dequant", case, "bitsandbytes", ms_b, nbytes))
+            del pb, sb, out_b, ours_of_bnb
+        rows.append(Row("nf4_dequant", case, "qkern", ms, nbytes, extra=extra))
+        del w, packed, state, out
+        torch.cuda.empty_cache()
+
+    # quantize 4096x4096 with double quant
+    n = 4096 * 4096
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    nb = n // BLOCKSIZE
+    qbytes = 2 * n + n / 2 + nb + 4 * math.ceil(nb / 256)
+    ms = bench_ms(lambda: qkern.quantize_4bit(w, BLOCKSIZE, "nf4", True))
+    extra = {}
+    packed, state = qkern.quantize_4bit(w, BLOCKSIZE, "nf4", True)
+    pr, sr = nf4.quantize_4bit_ref(w, BLOCKSIZE, "nf4", True)
+    # the reference uses the IEEE reciprocal, the kernel bitsandbytes' hardware one: count the
+    # (near-threshold) indices where they differ
+    extra["bytes_differing_vs_ref"] = int((packed != pr).sum())
+    if F is not None:
+        ms_b = bench_ms(
+            lambda: F.quantize_4bit(
+                w, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4"
+            )
+        )
+        pb, sb = F.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+        extra["speedup_vs_bnb"] = ms_b / ms
+        extra["bytes_differing_vs_bnb"] = int((packed != pb).sum())
+        extra["codes_differing_vs_bnb"] = int((state.absmax != sb.absmax).sum())
+        rows.append(Row("nf4_quantize", "4096x4096 dq=True bf16", "bitsandbytes", ms_b, qbytes))
+    rows.append(Row("nf4_quantize", "4096x4096 dq=True bf16", "qkern", ms, qbytes, extra=extra))
+    return rows
+
+
+if __name__ == "__main__":  # PYTHONPATH=. python3 bench/bench_nf4.py
+    from bench.common import format_table, measure_ceilings
+
+    ceil = measure_ceilings()
+    print(format_table(run(ceil), ceil))

@@ -1,0 +1,1301 @@
+"""NF4 / FP4 4-bit weight quantization with double quantization, bit-exact with bitsandbytes.
+
+The format (the full description with tables is in ``docs/nf4.md``):
+
+* A weight of any shape is flattened row-major and cut into blocks of ``blocksize`` consecutive
+  elements (32 ... 4096, default 64; a block may cross a row boundary). Each block keeps its
+  float32 ``absmax = max |x|``.
+* Each element becomes a 4-bit index into a 16-entry code: ``x * (1 / absmax)`` (fp32) is compared
+  with the 15 midpoints between adjacent code values; the index is the number of midpoints the
+  value is *strictly* greater than (a value on a midpoint takes the lower code). FP4 compares
+  ``|x|`` with 7 thresholds and puts the sign in bit 3.
+* Two indices per byte, the even element in the high nibble; an odd element count pads one zero
+  element. The packed weight is uint8 ``[(n + 1) // 2, 1]``.
+* Double quantization (``compress_statistics=True``): ``offset = mean(absmax)``; ``absmax - offset``
+  is quantized in blocks of 256 to 8-bit indices into the signed dynamic map, each 256-block with
+  its own float32 scale (``nested_absmax``).
+* Dequantization: ``absmax = fp32(map[q] * nested_absmax[b // 256]) + offset`` (two roundings, never
+  a fused multiply-add), then ``out = dtype(code[index] * absmax)``.
+
+What runs where:
+
+* :func:`quantize_4bit_ref` / :func:`dequantize_4bit_ref` are plain PyTorch float32 code (the CPU
+  path and the test oracle); they use an IEEE reciprocal.
+* The Triton kernels (CUDA tensors, or CPU tensors under the Triton interpreter) compute the same
+  function. On a GPU the quantize kernels take ``1/absmax`` from the hardware reciprocal
+  (``rcp.approx.ftz.f32``), as bitsandbytes' fast-math CUDA build does, so that values lying
+  within an ulp of a midpoint land where bitsandbytes puts them. Under the interpreter they use the
+  IEEE reciprocal, like the reference, and match it bit for bit.
+
+Limits: input dtypes float32 / float16 / bfloat16, output dtypes the same three; at least one
+element; finite values only (NaN / Inf raise). bitsandbytes' CUDA build flushes float32
+subnormals to zero; this module does not, so blocks whose absmax is below 1.2e-38 can differ (no
+fp16 input and no realistic weight reaches that). The GPU paths use NVIDIA PTX (inline
+``rcp.approx`` / ``mul.rn``) and are written for NVIDIA cards (benchmarks: docs/nf4.md, H100).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+
+from qkern import _backend
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+QUANT_TYPES = ("nf4", "fp4")
+NESTED_BLOCKSIZE = 256
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Code tables
+# --------------------------------------------------------------------------------------------
+
+
+def _f32_literal(text: str) -> float:
+    """The float32 value a C compiler gives the literal ``<text>f``: the decimal rounded once.
+
+    Going through a Python float (double) first rounds twice, and for 4 of the 15 NF4 midpoints
+    (decimal renderings of values that sit exactly between two float32 numbers) that lands on the
+    neighbouring float32. bitsandbytes compares against the compiler's value, so we do too.
+    """
+    exact = Fraction(text)
+    approx = torch.tensor(float(exact), dtype=torch.float32)
+    candidates = [
+        torch.nextafter(approx, torch.tensor(-math.inf)),
+        approx,
+        torch.nextafter(approx, torch.tensor(math.inf)),
+    ]
+    # nearest; on an exact tie the candidate with the even significand (round-half-even)
+    best = min(
+        candidates,
+        key=lambda c: (abs(Fraction(c.item()) - exact), int(c.view(torch.int32).item()) & 1),
+    )
+    return best.item()
+
+
+# NF4 code values (quantiles of N(0, 1) scaled to [-1, 1]); each decimal is an exact float32.
+NF4_CODE = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+# The 15 decision thresholds of bitsandbytes' NF4 encoder (float32 literals in its CUDA source).
+NF4_THRESHOLDS = tuple(
+    _f32_literal(s)
+    for s in (
+        "-0.8480964004993439",
+        "-0.6106329262256622",
+        "-0.4599952697753906",
+        "-0.33967943489551544",
+        "-0.23460740596055984",
+        "-0.13791173323988914",
+        "-0.045525018125772476",
+        "0.03979014977812767",
+        "0.1202552504837513",
+        "0.2035212516784668",
+        "0.2920137718319893",
+        "0.3893125355243683",
+        "0.5016634166240692",
+        "0.6427869200706482",
+        "0.8614784181118011",
+    )
+)
+# FP4 (1 sign, 2 exponent, 1 mantissa bits, bias 3): magnitudes of 0b000..0b111 are
+# 0, 0.0625, 8, 12, 4, 6, 2, 3, divided by 12 — not monotonic in the index.
+FP4_MAGNITUDES = tuple(
+    _f32_literal(s)
+    for s in (
+        "0.0",
+        "0.005208333333",
+        "0.66666667",
+        "1.0",
+        "0.33333333",
+        "0.5",
+        "0.16666667",
+        "0.25",
+    )
+)
+FP4_CODE = FP4_MAGNITUDES + tuple(-m for m in FP4_MAGNITUDES)
+# Thresholds on |x| between the sorted magnitudes 0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1.
+FP4_THRESHOLDS = tuple(
+    _f32_literal(s)
+    for s in (
+        "0.00260417",
+        "0.0859375",
+        "0.20833333",
+        "0.29166667",
+        "0.4166667",
+        "0.583333",
+        "0.8333333",
+    )
+)
+# number of thresholds below |x| (0..7) -> FP4 magnitude index: c ^ 4 when bit 1 of c is set
+FP4_RANK_TO_INDEX = (0, 1, 6, 7, 4, 5, 2, 3)
+
+
+@cache
+def _table_cpu(name: str) -> torch.Tensor:
+    tables = {
+        "nf4": NF4_CODE,
+        "fp4": FP4_CODE,
+        "nf4_thresholds": NF4_THRESHOLDS,
+        "fp4_thresholds": FP4_THRESHOLDS,
+    }
+    if name == "dynamic":
+        return _build_dynamic_map()
+    return torch.tensor(tables[name], dtype=torch.float32)
+
+
+def _table(name: str, device: torch.device | str) -> torch.Tensor:
+    return _table_on_device(name, str(torch.device(device)))
+
+
+@cache
+def _table_on_device(name: str, device: str) -> torch.Tensor:
+    return _table_cpu(name).to(device)
+
+
+def code_table(quant_type: str) -> torch.Tensor:
+    """The 16 float32 code values of ``quant_type`` (a fresh CPU tensor)."""
+    _check_quant_type(quant_type)
+    return _table_cpu(quant_type).clone()
+
+
+def _build_dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (256 sorted float32 values in [-1, 1]).
+
+    For i = 0..6: the midpoints of ``linspace(0.1, 1, 2**i + 1)`` (float32, torch's linspace),
+    times ``10 ** (i - 6)`` (a Python scalar times a float32 tensor, rounded to float32), with both
+    signs; then 0 and 1.0; sorted. These are exactly torch's float32 operations: the same steps in
+    numpy give other last bits for some entries, which would change dequantized absmax values.
+    """
+    values: list[float] = []
+    for i in range(7):
+        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        values += ((10 ** (i - 6)) * means).tolist()
+        values += (-(10 ** (i - 6)) * means).tolist()
+    values += [0.0, 1.0]
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def dynamic_map() -> torch.Tensor:
+    """The signed 8-bit dynamic map used for double quantization (a fresh CPU tensor)."""
+    return _table_cpu("dynamic").clone()
+
+
+# --------------------------------------------------------------------------------------------
+# QuantState
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantState:
+    """Everything needed to dequantize a packed 4-bit weight.
+
+    ``absmax`` is float32 ``[n_blocks]``, or, with double quantization, uint8 ``[n_blocks]`` indices
+    into ``nested_code`` scaled per 256 blocks by ``nested_absmax`` and shifted by ``offset``.
+    ``code`` holds the 16 code values the 4-bit indices point to. ``offset`` is the float32
+    ``mean(absmax)`` as a Python float (exactly representable). All tensors live on one device,
+    that of the packed weight.
+
+    Reading packed weights directly in a kernel: element i (row-major over ``shape``) is the high
+    nibble of byte i // 2 when i is even, the low nibble when odd; its value is
+    ``code[nibble] * scale[i // blocksize]`` rounded once to the output dtype, where ``scale`` is
+    :meth:`dequantized_absmax` — with double quant ``fp32(nested_code[absmax[b]] *
+    nested_absmax[b // 256]) + offset``, the product rounded before the add (no FMA).
+    """
+
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    quant_type: str
+    code: torch.Tensor
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    offset: float | None = None
+    nested_blocksize: int = field(default=NESTED_BLOCKSIZE)
+
+    @property
+    def double_quant(self) -> bool:
+        """True when ``absmax`` is itself quantized (uint8 indices + nested scales + offset)."""
+        return self.nested_absmax is not None
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.numel() // self.blocksize)
+
+    @property
+    def device(self) -> torch.device:
+        return self.absmax.device
+
+    def numel(self) -> int:
+        """Number of elements of the original (unquantized) weight."""
+        return math.prod(self.shape)
+
+    def to(self, device: torch.device | str) -> QuantState:
+        """A copy with every tensor on ``device``."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            absmax=self.absmax.to(device),
+            code=self.code.to(device),
+            nested_absmax=move(self.nested_absmax),
+            nested_code=move(self.nested_code),
+        )
+
+    def dequantized_absmax(self) -> torch.Tensor:
+        """float32 ``[n_blocks]`` block scales, double quantization undone as bitsandbytes does:
+        ``fp32(nested_code[q] * nested_absmax[b // 256])``, then ``+ offset`` as a second add."""
+        if not self.double_quant:
+            return self.absmax
+        assert self.nested_code is not None and self.offset is not None
+        q = self.absmax.long()
+        scale = self.nested_absmax.repeat_interleave(self.nested_blocksize)[: q.numel()]
+        prod = self.nested_code[q] * scale  # one float32 rounding
+        return prod + torch.tensor(self.offset, dtype=torch.float32, device=prod.device)
+
+    # ---- bitsandbytes serialization ---------------------------------------------------------
+
+    def as_bnb_dict(
+        self, prefix: str, packed: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The state under bitsandbytes' safetensors keys.
+
+        ``prefix`` is the full name of the packed weight tensor, e.g.
+        ``"model.layers.0.self_attn.q_proj.weight"``; the state keys are ``prefix + ".absmax"``,
+        ``".quant_map"``, ``".nested_absmax"``, ``".nested_quant_map"`` and
+        ``".quant_state.bitsandbytes__nf4"`` (or ``__fp4``: uint8 bytes of a JSON dict). The packed
+        weight itself belongs under ``prefix``; pass it as ``packed`` to include it.
+        """
+        prefix = _clean_prefix(prefix)
+        out: dict[str, torch.Tensor] = {}
+        if packed is not None:
+            out[prefix] = packed
+        out[f"{prefix}.absmax"] = self.absmax
+        out[f"{prefix}.quant_map"] = self.code
+        meta: dict = {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "dtype": _DTYPE_NAMES[self.dtype],
+            "shape": list(self.shape),
+        }
+        if self.double_quant:
+            out[f"{prefix}.nested_absmax"] = self.nested_absmax
+            out[f"{prefix}.nested_quant_map"] = self.nested_code.clone()
+            meta.update(
+                nested_blocksize=self.nested_blocksize,
+                nested_dtype="float32",
+                nested_offset=float(self.offset),
+            )
+        blob = json.dumps(meta).encode("utf-8")
+        out[f"{prefix}.quant_state.bitsandbytes__{self.quant_type}"] = torch.tensor(
+            list(blob), dtype=torch.uint8
+        )
+        return out
+
+    @classmethod
+    def from_bnb_dict(cls, tensors: dict[str, torch.Tensor], prefix: str) -> QuantState:
+        """Read a state written by bitsandbytes (or :meth:`as_bnb_dict`) for the weight ``prefix``.
+
+        ``tensors`` maps names to tensors (e.g. a safetensors file's contents); only keys starting
+        with ``prefix + "."`` are read. The JSON entry is trusted over anything else; its
+        quant_type must be nf4 or fp4. Shapes and dtypes are checked against it.
+        """
+        prefix = _clean_prefix(prefix)
+        qs_keys = [k for k in tensors if k.startswith(f"{prefix}.quant_state.")]
+        if len(qs_keys) != 1:
+            raise ValueError(
+                f"expected exactly one '{prefix}.quant_state.bitsandbytes__<type>' entry, "
+                f"found {len(qs_keys)}: {qs_keys}"
+            )
+        suffix = qs_keys[0][len(f"{prefix}.quant_state.") :]
+        if not suffix.startswith("bitsandbytes__") or suffix[len("bitsandbytes__") :] not in (
+            QUANT_TYPES
+        ):
+            raise ValueError(
+                f"unknown quant_type in checkpoint key '{qs_keys[0]}': expected "
+                "bitsandbytes__nf4 or bitsandbytes__fp4"
+            )
+        blob = tensors[qs_keys[0]]
+        try:
+            meta = json.loads(bytes(blob.cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"'{qs_keys[0]}' is not a JSON quant-state blob: {e}") from e
+        quant_type = meta.get("quant_type")
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(
+                f"unknown quant_type {quant_type!r} in '{qs_keys[0]}' (supported: nf4, fp4)"
+            )
+        if f"bitsandbytes__{quant_type}" != suffix:
+            raise ValueError(f"'{qs_keys[0]}' holds quant_type {quant_type!r}, unlike its key")
+        blocksize = int(meta.get("blocksize", -1))
+        _check_blocksize(blocksize, "blocksize in checkpoint")
+        dtype_name = meta.get("dtype")
+        if dtype_name not in _NAME_DTYPES:
+            raise ValueError(f"unsupported dtype {dtype_name!r} in '{qs_keys[0]}'")
+        shape = torch.Size(int(s) for s in meta["shape"])
+        n = math.prod(shape)
+        if n <= 0:
+            raise ValueError(f"empty shape {list(shape)} in '{qs_keys[0]}'")
+        n_blocks = -(-n // blocksize)
+
+        def get(name: str) -> torch.Tensor:
+            key = f"{prefix}.{name}"
+            if key not in tensors:
+                raise ValueError(f"missing key '{key}' in checkpoint")
+            return tensors[key]
+
+        absmax, code = get("absmax"), get("quant_map")
+        if code.dtype != torch.float32 or code.numel() != 16:
+            raise ValueError(f"'{prefix}.quant_map' must be float32 [16], got {_desc(code)}")
+        if not torch.equal(code.reshape(-1).cpu(), _table_cpu(quant_type)):
+            # bitsandbytes' CUDA kernels ignore quant_map and use their built-in table; a map
+            # that differs would make the checkpoint mean something else there
+            raise ValueError(
+                f"'{prefix}.quant_map' is not the standard {quant_type} code table; "
+                "custom 4-bit code tables are not supported"
+            )
+        if absmax.numel() != n_blocks:
+            raise ValueError(
+                f"'{prefix}.absmax' has {absmax.numel()} elements; shape {list(shape)} with "
+                f"blocksize {blocksize} needs {n_blocks}"
+            )
+        nested = "nested_offset" in meta or f"{prefix}.nested_absmax" in tensors
+        state = cls(
+            absmax=absmax.reshape(-1),
+            shape=shape,
+            dtype=_NAME_DTYPES[dtype_name],
+            blocksize=blocksize,
+            quant_type=quant_type,
+            code=code.reshape(-1),
+        )
+        if nested:
+            nested_absmax, nested_code = get("nested_absmax"), get("nested_quant_map")
+            nbs = int(meta.get("nested_blocksize", NESTED_BLOCKSIZE))
+            if nbs != NESTED_BLOCKSIZE:
+                raise ValueError(f"nested_blocksize {nbs} unsupported (bitsandbytes uses 256)")
+            if "nested_offset" not in meta:
+                raise ValueError(f"'{qs_keys[0]}' lacks nested_offset for a double-quantized state")
+            if absmax.dtype != torch.uint8:
+                raise ValueError(f"'{prefix}.absmax' must be uint8 with double quantization")
+            if nested_absmax.dtype != torch.float32 or nested_absmax.numel() != -(-n_blocks // nbs):
+                raise ValueError(
+                    f"'{prefix}.nested_absmax' must be float32 [{-(-n_blocks // nbs)}], got "
+                    f"{_desc(nested_absmax)}"
+                )
+            if nested_code.dtype != torch.float32 or nested_code.numel() != 256:
+                raise ValueError(
+                    f"'{prefix}.nested_quant_map' must be float32 [256], got {_desc(nested_code)}"
+                )
+            state.nested_absmax = nested_absmax.reshape(-1)
+            state.nested_code = nested_code.reshape(-1)
+            state.offset = float(torch.tensor(float(meta["nested_offset"]), dtype=torch.float32))
+            state.nested_blocksize = nbs
+        elif absmax.dtype != torch.float32:
+            raise ValueError(f"'{prefix}.absmax' must be float32 without double quantization")
+        return state
+
+
+def _clean_prefix(prefix: str) -> str:
+    if not isinstance(prefix, str) or not prefix.strip("."):
+        raise ValueError(f"prefix must be the weight's tensor name, got {prefix!r}")
+    return prefix.rstrip(".")
+
+
+def _desc(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
+
+
+# --------------------------------------------------------------------------------------------
+# Validation shared by both paths
+# --------------------------------------------------------------------------------------------
+
+
+def _check_quant_type(quant_type: str) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+
+
+def _check_blocksize(blocksize: int, name: str = "blocksize") -> None:
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"{name} must be one of {BLOCKSIZES}, got {blocksize!r}")
+
+
+def _check_weight(w: torch.Tensor, blocksize: int, quant_type: str) -> None:
+    _backend.check_float(w, "w")
+    if w.numel() == 0:
+        raise ValueError(f"w is empty (shape {list(w.shape)}); nothing to quantize")
+    _check_blocksize(blocksize)
+    _check_quant_type(quant_type)
+
+
+def _nonfinite_error() -> ValueError:
+    return ValueError("w contains NaN or Inf; 4-bit quantization needs finite values")
+
+
+def _check_state(packed: torch.Tensor, state: QuantState) -> None:
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be uint8, got {str(packed.dtype).replace('torch.', '')}")
+    _check_quant_type(state.quant_type)
+    _check_blocksize(state.blocksize, "state.blocksize")
+    n = state.numel()
+    if n <= 0:
+        raise ValueError(f"state.shape {list(state.shape)} is empty")
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(
+            f"packed has {packed.numel()} bytes but state.shape {list(state.shape)} needs "
+            f"{(n + 1) // 2}: the state does not belong to this packed tensor"
+        )
+    if state.absmax.numel() != state.n_blocks:
+        raise ValueError(
+            f"state.absmax has {state.absmax.numel()} entries, state.shape with blocksize "
+            f"{state.blocksize} needs {state.n_blocks}"
+        )
+    if state.code.dtype != torch.float32 or state.code.numel() != 16:
+        raise ValueError(f"state.code must be float32 [16], got {_desc(state.code)}")
+    if state.double_quant:
+        if state.absmax.dtype != torch.uint8:
+            raise ValueError(
+                f"state.absmax must be uint8 codes with double quant, got {_desc(state.absmax)}"
+            )
+        n_nested = -(-state.n_blocks // state.nested_blocksize)
+        if state.nested_blocksize != NESTED_BLOCKSIZE:
+            raise ValueError(f"state.nested_blocksize must be 256, got {state.nested_blocksize}")
+        if state.nested_absmax.dtype != torch.float32 or state.nested_absmax.numel() != n_nested:
+            raise ValueError(
+                f"state.nested_absmax must be float32 [{n_nested}], "
+                f"got {_desc(state.nested_absmax)}"
+            )
+        if state.nested_code is None or state.nested_code.numel() != 256:
+            raise ValueError("state.nested_code must be float32 [256] with double quant")
+        if state.nested_code.dtype != torch.float32:
+            raise ValueError(f"state.nested_code must be float32, got {_desc(state.nested_code)}")
+        if state.offset is None:
+            raise ValueError("state.offset must be set with double quant")
+        _backend.check_same_device(
+            packed=packed,
+            absmax=state.absmax,
+            nested_absmax=state.nested_absmax,
+            nested_code=state.nested_code,
+            code=state.code,
+        )
+    else:
+        if state.absmax.dtype != torch.float32:
+            raise ValueError(
+                f"state.absmax must be float32 without double quant, got {_desc(state.absmax)}"
+            )
+        _backend.check_same_device(packed=packed, absmax=state.absmax, code=state.code)
+
+
+def _check_out(
+    out: torch.Tensor | None, dtype: torch.dtype | None, state: QuantState, packed: torch.Tensor
+) -> torch.dtype:
+    """The output dtype; checks a caller-provided ``out`` buffer against the state."""
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        _backend.check_float(out, "out")
+        if dtype is not None and out.dtype != dtype:
+            raise ValueError(f"out has dtype {out.dtype} but dtype={dtype} was asked for")
+        if out.shape != state.shape:
+            raise ValueError(f"out has shape {list(out.shape)}, state.shape is {list(state.shape)}")
+        if out.device != packed.device:
+            raise ValueError(f"out is on {out.device}, packed on {packed.device}")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+        return out.dtype
+    dtype = state.dtype if dtype is None else dtype
+    if dtype not in _backend.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (pure PyTorch, float32) — the CPU path and the test oracle
+# --------------------------------------------------------------------------------------------
+
+
+def encode_4bit_ref(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """4-bit indices (int64) of float32 values already divided by their block's absmax.
+
+    NF4: the number of thresholds strictly below the value. FP4: sign in bit 3, the rank of
+    ``|x|`` among 7 thresholds mapped to the magnitude index. NaN (an all-zero block: 0 * inf)
+    gives index 0, as every comparison is false in bitsandbytes' decision tree.
+    """
+    nan = torch.isnan(scaled)
+    if quant_type == "nf4":
+        thr = _table("nf4_thresholds", scaled.device)
+        idx = torch.bucketize(scaled, thr, right=False)  # #{t : t < x}
+    else:
+        thr = _table("fp4_thresholds", scaled.device)
+        rank = torch.bucketize(scaled.abs(), thr, right=False)
+        perm = torch.tensor(FP4_RANK_TO_INDEX, device=scaled.device)
+        idx = perm[rank] + 8 * (scaled < 0).long()
+    return torch.where(nan, 0, idx)
+
+
+def quantize_8bit_dynamic_ref(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index (int64) into the sorted 256-entry ``code`` that bitsandbytes' 8-bit quantizer picks.
+
+    A 7-step binary search from index 127 that keeps the last pivots below and above the value,
+    then a choice against the midpoint of the final pivot and its neighbour ((a + b) * 0.5 in
+    float32): above the upper midpoint -> upper, below the lower midpoint -> lower, else the pivot.
+    This is nearest-value rounding except at exact midpoints and at the ends of the map (the
+    search never lands on index 255, so 1.0 is reached only through the midpoint rule). NaN gives
+    index 0.
+    """
+    pivot = torch.full_like(x, 127, dtype=torch.long)
+    upper_p = torch.full_like(pivot, 255)
+    lower_p = torch.zeros_like(pivot)
+    lower = torch.full_like(x, -1.0)
+    upper = torch.full_like(x, 1.0)
+    val = code[pivot]
+    step = 64
+    while step > 0:
+        gt = x > val
+        lower_p = torch.where(gt, pivot, lower_p)
+        lower = torch.where(gt, val, lower)
+        upper_p = torch.where(gt, upper_p, pivot)
+        upper = torch.where(gt, upper, val)
+        pivot = torch.where(gt, pivot + step, pivot - step)
+        val = code[pivot]
+        step //= 2
+    upper = torch.where(upper_p == 255, code[255], upper)
+    lower = torch.where(lower_p == 0, code[0], lower)
+    gt = x > val
+    go_up = x > (upper + val) * 0.5
+    go_down = x < (lower + val) * 0.5
+    return torch.where(gt, torch.where(go_up, upper_p, pivot), torch.where(go_down, lower_p, pivot))
+
+
+def double_quant_ref(
+    absmax: torch.Tensor, offset: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Double-quantize block scales: ``(codes u8 [nb], nested_absmax f32 [ceil(nb/256)], offset)``.
+
+    ``offset`` defaults to ``absmax.mean()`` (torch's float32 mean, as bitsandbytes computes it).
+    ``absmax - offset`` is cut into blocks of 256 (the last one padded with zeros), each scaled by
+    ``1 / max|v|`` and rounded to the dynamic map with :func:`quantize_8bit_dynamic_ref`.
+    """
+    absmax = absmax.float().reshape(-1)
+    if offset is None:
+        offset = absmax.mean()
+    offset = torch.as_tensor(offset, dtype=torch.float32, device=absmax.device)
+    v = absmax - offset
+    nb = v.numel()
+    n_nested = -(-nb // NESTED_BLOCKSIZE)
+    vb = torch.zeros(n_nested * NESTED_BLOCKSIZE, dtype=torch.float32, device=v.device)
+    vb[:nb] = v
+    vb = vb.view(n_nested, NESTED_BLOCKSIZE)
+    nested = vb.abs().amax(dim=1)
+    scaled = vb * (1.0 / nested)[:, None]
+    codes = quantize_8bit_dynamic_ref(scaled, _table("dynamic", v.device))
+    return codes.reshape(-1)[:nb].to(torch.uint8), nested, offset
+
+
+def quantize_4bit_ref(
+    w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", compress_statistics: bool = True
+) -> tuple[torch.Tensor, QuantState]:
+    """Reference 4-bit quantization (float32 math, IEEE reciprocal); see the module docstring."""
+    _check_weight(w, blocksize, quant_type)
+    if not bool(torch.isfinite(w).all()):
+        raise _nonfinite_error()
+    x = w.detach().reshape(-1).float()
+    n = x.numel()
+    nb = -(-n // blocksize)
+    xb = torch.zeros(nb * blocksize, dtype=torch.float32, device=x.device)
+    xb[:n] = x
+    xb = xb.view(nb, blocksize)
+    absmax = xb.abs().amax(dim=1)
+    scaled = xb * (1.0 / absmax)[:, None]  # all-zero block: 0 * inf = NaN -> index 0
+    idx = encode_4bit_ref(scaled, quant_type).reshape(-1)[: n + (n % 2)]  # keep the pad element
+    packed = ((idx[0::2] << 4) | idx[1::2]).to(torch.uint8).reshape(-1, 1)
+    state = QuantState(
+        absmax=absmax,
+        shape=torch.Size(w.shape),
+        dtype=w.dtype,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        code=_table(quant_type, w.device).clone(),
+    )
+    if compress_statistics:
+        codes, nested, offset = double_quant_ref(absmax)
+        state.absmax = codes
+        state.nested_absmax = nested
+        state.nested_code = _table("dynamic", w.device).clone()
+        state.offset = offset.item()
+    return packed, state
+
+
+def unpack_4bit_ref(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` 4-bit indices (int64) of a packed tensor, high nibble first."""
+    b = packed.reshape(-1).long()
+    return torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:n]
+
+
+def dequantize_4bit_ref(
+    packed: torch.Tensor,
+    state: QuantState,
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Reference dequantization: ``dtype(code[index] * absmax[block])`` in float32."""
+    _check_state(packed, state)
+    dtype = _check_out(out, dtype, state, packed)
+    n = state.numel()
+    idx = unpack_4bit_ref(packed, n)
+    absmax = state.dequantized_absmax()
+    scale = absmax.repeat_interleave(state.blocksize)[:n]
+    vals = (_table(state.quant_type, packed.device)[idx] * scale).to(dtype).view(state.shape)
+    if out is None:
+        return vals
+    out.copy_(vals)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+# Decision thresholds as compile-time constants (exact float32 values, see NF4_THRESHOLDS).
+_N0, _N1, _N2, _N3, _N4, _N5, _N6, _N7 = (tl.constexpr(t) for t in NF4_THRESHOLDS[:8])
+_N8, _N9, _N10, _N11, _N12, _N13, _N14 = (tl.constexpr(t) for t in NF4_THRESHOLDS[8:])
+_F0, _F1, _F2, _F3, _F4, _F5, _F6 = (tl.constexpr(t) for t in FP4_THRESHOLDS)
+
+# How the GPU kernels form 1/absmax when quantizing. bitsandbytes' CUDA build (fast math) turns
+# `1.0f / absmax` into the hardware reciprocal, which is within an ulp of the IEEE quotient but
+# not always equal to it; a value within that ulp of a threshold then changes code. Modes:
+# 0 = IEEE (div.rn), 1 = rcp.approx.ftz.f32 (what fast math emits), 2 = div.full.ftz.f32.
+# The interpreter always uses 0 (same as the reference).
+RCP_IEEE, RCP_APPROX, RCP_DIV_FULL = 0, 1, 2
+GPU_RCP_MODE = RCP_APPROX
+
+
+@triton.jit
+def _reciprocal(a, RCP: tl.constexpr):
+    """1 / a in float32 by the chosen method (a >= 0; 1/0 = +inf in every mode)."""
+    if RCP == 1:
+        r = tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [a], dtype=tl.float32, is_pure=True, pack=1
+        )
+    elif RCP == 2:
+        r = tl.inline_asm_elementwise(
+            "div.full.ftz.f32 $0, 0f3F800000, $1;",
+            "=r,r",
+            [a],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        r = tl.math.div_rn(tl.full(a.shape, 1.0, tl.float32), a)
+    return r
+
+
+@triton.jit
+def _mul_no_fma(a, b, EXACT_MUL: tl.constexpr):
+    """a * b rounded to float32 on its own. On the GPU `mul.rn` forbids the compiler to contract
+    it with a following add into an FMA (one rounding instead of bitsandbytes' two)."""
+    if EXACT_MUL:
+        p = tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        p = a * b
+    return p
+
+
+@triton.jit
+def _nf4_index(x):
+    """Number of NF4 thresholds strictly below x (0..15): a 4-level binary search whose bits are
+    the index bits. NaN compares false everywhere and gives 0, as in bitsandbytes."""
+    b3 = x > _N7
+    b2 = x > tl.where(b3, _N11, _N3)
+    t1 = tl.where(b3, tl.where(b2, _N13, _N9), tl.where(b2, _N5, _N1))
+    b1 = x > t1
+    t0 = tl.where(
+        b3,
+        tl.where(b2, tl.where(b1, _N14, _N12), tl.where(b1, _N10, _N8)),
+        tl.where(b2, tl.where(b1, _N6, _N4), tl.where(b1, _N2, _N0)),
+    )
+    b0 = x > t0
+    return b3.to(tl.int32) * 8 + b2.to(tl.int32) * 4 + b1.to(tl.int32) * 2 + b0.to(tl.int32)
+
+
+@triton.jit
+def _fp4_index(x):
+    """FP4 index: bit 3 = (x < 0); the rank r of |x| among the 7 thresholds (3-level search)
+    maps to the magnitude index r ^ 4 when bit 1 of r is set (0,1,6,7,4,5,2,3)."""
+    a = tl.abs(x)
+    b2 = a > _F3
+    b1 = a > tl.where(b2, _F5, _F1)
+    t0 = tl.where(b2, tl.where(b1, _F6, _F4), tl.where(b1, _F2, _F0))
+    b0 = a > t0
+    rank = b2.to(tl.int32) * 4 + b1.to(tl.int32) * 2 + b0.to(tl.int32)
+    mag = rank ^ ((rank & 2) * 2)
+    return mag + (x < 0).to(tl.int32) * 8
+
+
+def _quant_rows(args: dict) -> int:
+    # rows (= quantization blocks) per program: ELEMS elements per program, at least one block
+    return max(1, args["ELEMS"] // args["BLOCKSIZE"])
+
+
+@triton.jit
+def _split_pair(w, IN_TY: tl.constexpr, IN16: tl.constexpr):
+    """The two inputs packed in one little-endian word, as float32 (first = low half)."""
+    if IN16:
+        u = w.to(tl.uint32, bitcast=True)
+        first = (u & 0xFFFF).to(tl.uint16).to(IN_TY, bitcast=True).to(tl.float32)
+        second = (u >> 16).to(tl.uint16).to(IN_TY, bitcast=True).to(tl.float32)
+    else:
+        u = w.to(tl.uint64, bitcast=True)
+        first = (u & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+        second = (u >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+    return first, second
+
+
+@triton.autotune(
+    configs=_backend.pick_configs(
+        [
+            triton.Config({"ELEMS": 4096}, num_warps=4),
+            triton.Config({"ELEMS": 8192}, num_warps=8),
+            triton.Config({"ELEMS": 2048}, num_warps=4),
+        ]
+    ),
+    key=["n", "BLOCKSIZE", "NF4", "IN_WORDS"],
+)
+@triton.heuristics({"ROWS": _quant_rows})
+@triton.jit
+def _quantize_4bit_kernel(
+    x_ptr,
+    xw_ptr,
+    packed_ptr,
+    absmax_ptr,
+    n,
+    n_bytes,
+    n_blocks,
+    BLOCKSIZE: tl.constexpr,
+    NF4: tl.constexpr,
+    RCP: tl.constexpr,
+    IN_WORDS: tl.constexpr,
+    IN16: tl.constexpr,
+    ELEMS: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    """ROWS blocks of BLOCKSIZE elements per program: absmax_b = max|x|, then the index of
+    x * (1/absmax_b) for every element, packed two per byte (even element high).
+
+    The tile is [ROWS, BLOCKSIZE/2] in byte space, so the pair of inputs that forms one byte sits
+    in one lane. IN_WORDS (even n, aligned input): the pair is one 32-bit word (64-bit for float32)
+    of an integer view of x (``xw_ptr``), loaded as contiguous vectors and split by shifts.
+    Otherwise even and odd elements are two strided loads (same cache lines, so DRAM still reads
+    each byte once). Elements past n read as 0, which is bitsandbytes' padding for an odd n. A
+    block holding NaN/Inf stores absmax = NaN for the host to report.
+    """
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    pid = tl.program_id(0).to(tl.int64)
+    blk = pid * ROWS + tl.arange(0, ROWS)  # [ROWS] block ids
+    byte = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]  # [ROWS, HALF] packed byte index
+    if IN_WORDS:
+        w = tl.load(xw_ptr + byte, mask=byte < n_bytes, other=0)
+        xe, xo = _split_pair(w, x_ptr.dtype.element_ty, IN16)
+    else:
+        even = 2 * byte
+        xe = tl.load(x_ptr + even, mask=even < n, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + even + 1, mask=even + 1 < n, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
+    # x * 0 is 0 for finite x and NaN for NaN/Inf
+    bad = tl.max(((xe * 0.0 != 0.0) | (xo * 0.0 != 0.0)).to(tl.int32), axis=1)
+    # A NaN built from bits (setting the exponent and quiet bit of amax): a NaN-valued global
+    # constexpr would never compare equal to itself, which Triton's cache check rejects.
+    amax_nan = (amax.to(tl.int32, bitcast=True) | 0x7FC00000).to(tl.float32, bitcast=True)
+    tl.store(absmax_ptr + blk, tl.where(bad > 0, amax_nan, amax), mask=blk < n_blocks)
+    inv = _reciprocal(amax, RCP)[:, None]  # all-zero block: inf, then 0 * inf = NaN -> index 0
+    if NF4:
+        q = _nf4_index(xe * inv) * 16 + _nf4_index(xo * inv)
+    else:
+        q = _fp4_index(xe * inv) * 16 + _fp4_index(xo * inv)
+    tl.store(packed_ptr + byte, q.to(tl.uint8), mask=byte < n_bytes)
+
+
+@triton.jit
+def _quantize_absmax_kernel(
+    absmax_ptr,
+    offset_ptr,
+    codes_ptr,
+    nested_ptr,
+    dmap_ptr,
+    n_blocks,
+    n_nested,
+    RCP: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    """Double quantization of the float32 block scales, ROWS nested blocks of 256 per program.
+
+    v = absmax - offset (offset = mean(absmax), read from device memory: no host sync), zero past
+    the end; s = max|v| per 256; code = bitsandbytes' 8-bit search of v * (1/s) in the dynamic
+    map (see quantize_8bit_dynamic_ref): 7 halving steps from index 127 keeping the last pivot
+    below/above, then a midpoint test ((a + b) * 0.5 in float32) against the final pivot.
+    The map is 1 KiB and stays in L1, so the 10 gathers per value are cache hits.
+    """
+    pid = tl.program_id(0)
+    row = pid * ROWS + tl.arange(0, ROWS)
+    idx = row[:, None] * 256 + tl.arange(0, 256)[None, :]
+    valid = idx < n_blocks
+    offset = tl.load(offset_ptr)
+    v = tl.where(valid, tl.load(absmax_ptr + idx, mask=valid, other=0.0) - offset, 0.0)
+    s = tl.max(tl.abs(v), axis=1)
+    tl.store(nested_ptr + row, s, mask=row < n_nested)
+    x = v * _reciprocal(s, RCP)[:, None]
+
+    pivot = tl.full(x.shape, 127, tl.int32)
+    lower_p = tl.zeros(x.shape, tl.int32)
+    upper_p = tl.full(x.shape, 255, tl.int32)
+    lower = tl.full(x.shape, -1.0, tl.float32)
+    upper = tl.full(x.shape, 1.0, tl.float32)
+    val = tl.load(dmap_ptr + pivot)
+    for i in tl.static_range(7):
+        step = 64 >> i
+        gt = x > val
+        lower_p = tl.where(gt, pivot, lower_p)
+        lower = tl.where(gt, val, lower)
+        upper_p = tl.where(gt, upper_p, pivot)
+        upper = tl.where(gt, upper, val)
+        pivot = tl.where(gt, pivot + step, pivot - step)
+        val = tl.load(dmap_ptr + pivot)
+    upper = tl.where(upper_p == 255, tl.load(dmap_ptr + upper_p), upper)
+    lower = tl.where(lower_p == 0, tl.load(dmap_ptr + lower_p), lower)
+    gt = x > val
+    up = tl.where(x > (upper + val) * 0.5, upper_p, pivot)
+    down = tl.where(x < (lower + val) * 0.5, lower_p, pivot)
+    code = tl.where(gt, up, down)
+    tl.store(codes_ptr + idx, code.to(tl.uint8), mask=valid)
+
+
+def _dequant_tile(args: dict) -> dict:
+    # a [ROWS, COLS] tile of ELEMS outputs; COLS never spans two quantization blocks, so one
+    # absmax per row. LARGE switches index math to int64 near 2^31 elements.
+    cols = min(args["BLOCKSIZE"], args["ELEMS"])
+    return {
+        "COLS": cols,
+        "ROWS": args["ELEMS"] // cols,
+        "LARGE": args["n"] + args["ELEMS"] >= 2**31,
+        "ODD": args["n"] % 2 == 1,
+        "OUT16": args["out_ptr"].element_size() == 2,
+        # the autotuner prunes WORDS configs for misaligned outputs, but not when it has a single
+        # config (the interpreter): decide here as well
+        "USE_WORDS": bool(args.get("WORDS")) and bool(args.get("WORDS_OK", True)),
+    }
+
+
+# Tiles of 2k-8k outputs: 4-16 KiB of bf16 stores and 1-4 KiB of packed reads per program, large
+# enough for 16-byte vector accesses and few programs, small enough for several resident
+# programs per SM to hide DRAM latency. WORDS picks the nibble-expansion scheme (see the kernel
+# docstring); the autotuner measures both.
+_DEQUANT_CONFIGS = [
+    triton.Config({"ELEMS": 4096, "WORDS": True}, num_warps=4),
+    triton.Config({"ELEMS": 8192, "WORDS": True}, num_warps=8),
+    triton.Config({"ELEMS": 8192, "WORDS": True}, num_warps=4),
+    triton.Config({"ELEMS": 2048, "WORDS": True}, num_warps=4),
+    triton.Config({"ELEMS": 4096, "WORDS": False}, num_warps=4),
+    triton.Config({"ELEMS": 8192, "WORDS": False}, num_warps=8),
+]
+
+
+def _prune_dequant(configs: list, named_args: dict, **kwargs) -> list:
+    """Drop the WORDS scheme when the output cannot be viewed as words (misaligned buffer)."""
+    words_ok = kwargs.get("WORDS_OK", named_args.get("WORDS_OK", True))
+    kept = [c for c in configs if words_ok or not c.kwargs["WORDS"]]
+    return kept or [triton.Config({"ELEMS": 4096, "WORDS": False}, num_warps=4)]
+
+
+@triton.jit
+def _block_absmax(
+    blk, ok, absmax_ptr, nested_ptr, ncode_ptr, offset, DQ: tl.constexpr, EXACT: tl.constexpr
+):
+    """float32 scale of quantization block(s) blk: the stored absmax, or with double quant
+    fp32(ncode[q_b] * nested[b // 256]) + offset with two roundings (never an FMA)."""
+    if DQ:
+        q = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)
+        scale = tl.load(nested_ptr + blk // 256, mask=ok, other=0.0)
+        a = _mul_no_fma(tl.load(ncode_ptr + q), scale, EXACT) + offset
+    else:
+        a = tl.load(absmax_ptr + blk, mask=ok, other=0.0)
+    return a
+
+
+@triton.jit
+def _pack_pair(first, second, OUT16: tl.constexpr):
+    """Two adjacent outputs as one little-endian word: first in the low half."""
+    if OUT16:
+        lo = first.to(tl.uint16, bitcast=True).to(tl.uint32)
+        hi = second.to(tl.uint16, bitcast=True).to(tl.uint32)
+        w = (lo | (hi << 16)).to(tl.int32, bitcast=True)
+    else:
+        lo = first.to(tl.uint32, bitcast=True).to(tl.uint64)
+        hi = second.to(tl.uint32, bitcast=True).to(tl.uint64)
+        w = (lo | (hi << 32)).to(tl.int64, bitcast=True)
+    return w
+
+
+@triton.jit
+def _dequantize_4bit_body(
+    packed_ptr,
+    absmax_ptr,
+    nested_ptr,
+    ncode_ptr,
+    code_ptr,
+    out_ptr,
+    words_ptr,
+    n,
+    n_words,
+    offset,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    EXACT_MUL: tl.constexpr,
+    WORDS: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    LARGE: tl.constexpr,
+    ODD: tl.constexpr,
+    OUT16: tl.constexpr,
+):
+    """out[i] = dtype(code[nibble_i] * absmax[i // BLOCKSIZE]) for ROWS * COLS outputs.
+
+    The block scale is computed once per tile row (_block_absmax), not per element.
+
+    Nibble expansion, two schemes (both written so every global access is a plain contiguous or
+    gathered load/store, no cross-lane interleave):
+    * WORDS=True (byte space): byte j holds outputs 2j (high nibble) and 2j+1 (low nibble). The
+      tile loads ROWS x COLS/2 contiguous bytes (vector loads), dequantizes both nibbles, packs the
+      two rounded outputs into one 32-bit word (64-bit for float32 output), and stores the words
+      contiguously through an integer view of ``out`` (``words_ptr``): 16-byte vector stores and
+      one byte load per two outputs. An odd n leaves the last output (high nibble of the last
+      byte), written by program 0 on its own.
+    * WORDS=False (output space): output i reads byte i // 2 and shifts by 4 * (1 - i % 2). The
+      stores are contiguous 16-byte vectors; the byte loads are one narrow load per output (the
+      second of each pair hits L1). Used when ``out`` is not aligned for the word view.
+    The 16-entry code table is gathered from global memory; 64 B, always an L1 hit.
+    """
+    pid = tl.program_id(0)
+    if LARGE:
+        pid = pid.to(tl.int64)
+    rows = tl.arange(0, ROWS)
+    row_start = pid * (ROWS * COLS) + rows * COLS  # [ROWS] first output of each row
+    row_ok = row_start < n
+    absmax = _block_absmax(
+        row_start // BLOCKSIZE,
+        row_ok,
+        absmax_ptr,
+        nested_ptr,
+        ncode_ptr,
+        offset,
+        DOUBLE_QUANT,
+        EXACT_MUL,
+    )[:, None]
+    out_ty = out_ptr.dtype.element_ty
+    if WORDS:
+        HALF: tl.constexpr = COLS // 2
+        j = pid * (ROWS * HALF) + rows[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte/word
+        ok = j < n_words
+        b = tl.load(packed_ptr + j, mask=ok, other=0).to(tl.int32)
+        first = (tl.load(code_ptr + (b >> 4)) * absmax).to(out_ty)
+        second = (tl.load(code_ptr + (b & 15)) * absmax).to(out_ty)
+        tl.store(words_ptr + j, _pack_pair(first, second, OUT16), mask=ok)
+        if ODD:
+            last = n - 1
+            a_last = _block_absmax(
+                last // BLOCKSIZE,
+                last >= 0,
+                absmax_ptr,
+                nested_ptr,
+                ncode_ptr,
+                offset,
+                DOUBLE_QUANT,
+                EXACT_MUL,
+            )
+            b_last = tl.load(packed_ptr + last // 2).to(tl.int32)
+            v_last = (tl.load(code_ptr + (b_last >> 4)) * a_last).to(out_ty)
+            tl.store(out_ptr + last, v_last, mask=pid == 0)
+    else:
+        i = row_start[:, None] + tl.arange(0, COLS)[None, :]  # [ROWS, COLS] output index
+        ok = i < n
+        b = tl.load(packed_ptr + (i >> 1), mask=ok, other=0).to(tl.int32)
+        shift = (4 - (i & 1) * 4).to(tl.int32)
+        v = tl.load(code_ptr + ((b >> shift) & 15)) * absmax
+        tl.store(out_ptr + i, v.to(out_ty), mask=ok)
+
+
+@triton.autotune(
+    configs=_backend.pick_configs(_DEQUANT_CONFIGS),
+    key=["n", "BLOCKSIZE", "DOUBLE_QUANT", "WORDS_OK"],
+    prune_configs_by={"early_config_prune": _prune_dequant},
+)
+@triton.heuristics(
+    {
+        key: (lambda args, key=key: _dequant_tile(args)[key])
+        for key in ("COLS", "ROWS", "LARGE", "ODD", "OUT16", "USE_WORDS")
+    }
+)
+@triton.jit
+def _dequantize_4bit_kernel(
+    packed_ptr,
+    absmax_ptr,
+    nested_ptr,
+    ncode_ptr,
+    code_ptr,
+    out_ptr,
+    words_ptr,
+    n,
+    n_words,
+    offset,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    EXACT_MUL: tl.constexpr,
+    WORDS_OK: tl.constexpr,
+    ELEMS: tl.constexpr,
+    WORDS: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    LARGE: tl.constexpr,
+    ODD: tl.constexpr,
+    OUT16: tl.constexpr,
+    USE_WORDS: tl.constexpr,
+):
+    """Autotuned entry point; see _dequantize_4bit_body."""
+    _dequantize_4bit_body(
+        packed_ptr,
+        absmax_ptr,
+        nested_ptr,
+        ncode_ptr,
+        code_ptr,
+        out_ptr,
+        words_ptr,
+        n,
+        n_words,
+        offset,
+        BLOCKSIZE,
+        DOUBLE_QUANT,
+        EXACT_MUL,
+        USE_WORDS,
+        ROWS,
+        COLS,
+        LARGE,
+        ODD,
+        OUT16,
+    )
+
+
+# ---- host launchers -------------------------------------------------------------------------
+
+
+def _gpu_rcp_mode() -> int:
+    return RCP_IEEE if _backend.interpreter_enabled() else GPU_RCP_MODE
+
+
+def _quantize_4bit_triton(
+    w: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    compress_statistics: bool,
+    rcp_mode: int | None = None,
+) -> tuple[torch.Tensor, QuantState]:
+    """Two launches (three with double quant: + torch's mean) and one host sync at the end.
+
+    Memory: reads n * itemsize, writes n/2 packed bytes + 4 B per block (+ 1 B per block and
+    4 B per 256 blocks for double quant); the absmax re-read by the mean and the nested kernel is
+    1/16 of the packed size at blocksize 64.
+    """
+    rcp = _gpu_rcp_mode() if rcp_mode is None else rcp_mode
+    x = w.detach().contiguous().view(-1)
+    n = x.numel()
+    n_blocks = -(-n // blocksize)
+    dev = x.device
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=dev)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(n_blocks, meta["ROWS"]),)
+
+    # the word view of the input: each pair of inputs (one packed byte) as one int32 / int64
+    word_bytes = 2 * x.element_size()
+    in_words = n % 2 == 0 and x.data_ptr() % word_bytes == 0
+    xw = x.view(torch.int32 if word_bytes == 4 else torch.int64) if in_words else x
+    _quantize_4bit_kernel[grid](
+        x,
+        xw,
+        packed,
+        absmax,
+        n,
+        (n + 1) // 2,
+        n_blocks,
+        BLOCKSIZE=blocksize,
+        NF4=quant_type == "nf4",
+        RCP=rcp,
+        IN_WORDS=in_words,
+        IN16=word_bytes == 4,
+    )
+    state = QuantState(
+        absmax=absmax,
+        shape=torch.Size(w.shape),
+        dtype=w.dtype,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        code=_table(quant_type, dev).clone(),
+    )
+    if not compress_statistics:
+        if not bool(torch.isfinite(absmax).all()):
+            raise _nonfinite_error()
+        return packed, state
+    offset = absmax.mean()  # torch's float32 mean, as bitsandbytes computes it
+    n_nested = -(-n_blocks // NESTED_BLOCKSIZE)
+    codes = torch.empty(n_blocks, dtype=torch.uint8, device=dev)
+    nested = torch.empty(n_nested, dtype=torch.float32, device=dev)
+    rows = 4  # 1024 scales per program; the whole vector is 1/16 of the packed bytes
+    _quantize_absmax_kernel[(triton.cdiv(n_nested, rows),)](
+        absmax,
+        offset,
+        codes,
+        nested,
+        _table("dynamic", dev),
+        n_blocks,
+        n_nested,
+        RCP=rcp,
+        ROWS=rows,
+    )
+    offset_value = offset.item()  # the one host sync, after all launches
+    if not math.isfinite(offset_value):
+        if not bool(torch.isfinite(absmax).all()):
+            raise _nonfinite_error()
+        raise ValueError("mean of the block absmax overflows float32; w is too large to quantize")
+    state.absmax = codes
+    state.nested_absmax = nested
+    state.nested_code = _table("dynamic", dev).clone()
+    state.offset = offset_value
+    return packed, state
+
+
+def _dequantize_4bit_triton(
+    packed: torch.Tensor,
+    state: QuantState,
+    out: torch.Tensor | None,
+    dtype: torch.dtype | None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """One launch. ``config`` (tests) skips autotuning: explicit ELEMS / WORDS / num_warps."""
+    dtype = _check_out(out, dtype, state, packed)
+    if out is None:
+        out = torch.empty(state.shape, dtype=dtype, device=packed.device)
+    n = state.numel()
+    packed = packed.reshape(-1)
+    if not packed.is_contiguous():
+        packed = packed.contiguous()
+    dq = state.double_quant
+    nested = state.nested_absmax if dq else state.absmax
+    ncode = state.nested_code if dq else state.code
+    offset = float(state.offset) if dq else 0.0
+    # the word view of the output: two outputs per int32 (16-bit dtypes) or int64 (float32)
+    flat = out.view(-1)
+    word_bytes = 2 * flat.element_size()
+    words_ok = n >= 2 and flat.data_ptr() % word_bytes == 0
+    word_dtype = torch.int32 if word_bytes == 4 else torch.int64
+    words = flat[: n - n % 2].view(word_dtype) if words_ok else flat
+    args = (packed, state.absmax, nested, ncode, state.code, out, words, n, n // 2, offset)
+    exact_mul = not _backend.interpreter_enabled()
+    if config is None:
+
+        def grid(meta: dict) -> tuple[int]:
+            return (triton.cdiv(n, meta["ELEMS"]),)
+
+        _dequantize_4bit_kernel[grid](
+            *args,
+            BLOCKSIZE=state.blocksize,
+            DOUBLE_QUANT=dq,
+            EXACT_MUL=exact_mul,
+            WORDS_OK=words_ok,
+        )
+    else:
+        meta = {"n": n, "BLOCKSIZE": state.blocksize, "ELEMS": config["ELEMS"], "out_ptr": out}
+        meta.update(WORDS=config["WORDS"], WORDS_OK=words_ok)
+        tile = _dequant_tile(meta)
+        _dequantize_4bit_body[(triton.cdiv(n, config["ELEMS"]),)](
+            *args,
+            BLOCKSIZE=state.blocksize,
+            DOUBLE_QUANT=dq,
+            EXACT_MUL=exact_mul,
+            WORDS=tile.pop("USE_WORDS"),
+            num_warps=config.get("num_warps", 4),
+            **tile,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_4bit(
+    w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", compress_statistics: bool = True
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``w`` (float32/float16/bfloat16, any shape) to packed 4-bit NF4 or FP4.
+
+    Returns ``(packed uint8 [(n + 1) // 2, 1], state)``, bit-identical to
+    ``bitsandbytes.functional.quantize_4bit`` with the same arguments. ``compress_statistics``
+    turns on double quantization of the block scales.
+    """
+    _check_weight(w, blocksize, quant_type)
+    if _backend.use_triton(w):
+        return _quantize_4bit_triton(w, blocksize, quant_type, compress_statistics)
+    return quantize_4bit_ref(w, blocksize, quant_type, compress_statistics)
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    state: QuantState,
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Dequantize to ``dtype`` (default ``state.dtype``) with ``state.shape``.
+
+    ``out``, if given, is a contiguous buffer of ``state.shape`` that receives the result (its
+    dtype is the output dtype). One Triton launch on CUDA, double quantization included.
+    """
+    _check_state(packed, state)
+    _check_out(out, dtype, state, packed)
+    if _backend.use_triton(packed, state.absmax):
+        return _dequantize_4bit_triton(packed, state, out, dtype)
+    return dequantize_4bit_ref(packed, state, out, dtype)

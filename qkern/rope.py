@@ -1,0 +1,381 @@
+"""Rotary position embedding (RoPE), HuggingFace's ``rotate_half`` layout, q and k in one launch.
+
+For a head vector x of even size D split into halves x1 = x[:D/2], x2 = x[D/2:], and angles
+theta_i = pos * inv_freq_i (i < D/2):
+
+    out[:D/2] = x1 * cos(theta) - x2 * sin(theta)
+    out[D/2:] = x2 * cos(theta) + x1 * sin(theta)
+
+which is HF's ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)``. The backward is the rotation
+by -theta (the same kernel with sin negated), since the rotation is orthogonal.
+
+Frequencies: :func:`rope_inv_freq` computes ``inv_freq`` exactly as HF transformers does (float32,
+same operation order) for no scaling, ``linear`` and ``llama3`` scaling. :func:`rope_cos_sin`
+computes angles in float32 as ``position_ids.float() * inv_freq`` (HF's outer product) and returns
+float32 cos and sin of shape ``position_ids.shape + (D/2,)``; position ids are arbitrary, so packed
+sequences can restart at 0.
+
+Numerics of :func:`apply_rope`: HF casts cos/sin to the activation dtype and rounds each product
+and the sum to that dtype. The kernel loads cos/sin in float32, computes in float32 and rounds
+once, which is at least as accurate. The reference :func:`apply_rope_ref` (the CPU path) follows
+HF exactly: cos/sin cast to the activation dtype first.
+
+Layout: q (B, S, Hq, D) and k (B, S, Hk, D) with Hq != Hk allowed (GQA); any strides over B, S
+and heads with a unit stride along D (views of a fused qkv projection work without a copy);
+cos/sin (B, S, D/2), (1, S, D/2) or (S, D/2). ``inplace=True`` writes the result into q and k
+(saves two activation-sized buffers; the backward needs only cos/sin, so this is safe for
+autograd). No gradient flows to cos/sin. Head dims: any even D up to 1024. Dtypes: float16,
+bfloat16, float32, float64 (float64 computes in float64). Partial rotary (rotating fewer than D
+dims) is not supported.
+
+Memory traffic per call: read q, k, write q', k', plus cos/sin (2 * B*S*D/2 * 4 B, about 1/Hq of q
+in bf16 for Hq=32); one program per token loads its cos/sin row once for all heads of q and k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from qkern._backend import check_float, check_same_device, next_power_of_2, pick_configs
+from qkern._backend import use_triton as _use_triton
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+# ----------------------------------------------------------------------------------------------
+# frequencies
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(
+    head_dim: int, base: float = 10000.0, scaling: dict | None = None
+) -> torch.Tensor:
+    """Inverse frequencies (float32, shape (head_dim // 2,)) as HF transformers computes them.
+
+    ``inv_freq_i = 1 / base ** (2i / head_dim)``, then per ``scaling["rope_type"]`` (alias
+    ``"type"``):
+
+    * ``None`` / ``"default"``: unchanged;
+    * ``"linear"``: divided by ``factor`` (positions interpolated by ``factor``);
+    * ``"llama3"``: with wavelength ``w_i = 2*pi / inv_freq_i`` and
+      L = original_max_position_embeddings, low-frequency wavelengths ``w > L / low_freq_factor``
+      are divided by ``factor``;
+      high-frequency ones ``w < L / high_freq_factor`` are kept; in between they are blended with
+      ``s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor)`` as
+      ``(1 - s) * inv_freq / factor + s * inv_freq``.
+    """
+    if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+        raise ValueError(f"head_dim must be an even integer >= 2, got {head_dim!r}")
+    if not base > 0:
+        raise ValueError(f"base must be > 0, got {base!r}")
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (base**exponent)
+    if scaling is None:
+        return inv_freq
+    if not isinstance(scaling, dict):
+        raise TypeError(f"scaling must be a dict or None, got {type(scaling).__name__}")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+
+    def param(key: str) -> float:
+        if key not in scaling:
+            raise ValueError(f"rope scaling {rope_type!r} needs the key {key!r}")
+        return scaling[key]
+
+    if rope_type == "linear":
+        factor = param("factor")
+        return inv_freq / factor
+    if rope_type == "llama3":
+        factor = param("factor")
+        low_freq_factor = param("low_freq_factor")
+        high_freq_factor = param("high_freq_factor")
+        old_context_len = param("original_max_position_embeddings")
+        if high_freq_factor == low_freq_factor:
+            raise ValueError("llama3 rope scaling needs high_freq_factor != low_freq_factor")
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context_len / wavelen - low_freq_factor) / (
+            high_freq_factor - low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ValueError(
+        f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+    )
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (cos, sin) of ``position_ids.float()[..., None] * inv_freq``.
+
+    Shapes: position_ids (...) integer or float, inv_freq (D/2,); outputs (..., D/2) on
+    position_ids' device.
+    """
+    if not isinstance(position_ids, torch.Tensor):
+        raise TypeError(f"position_ids must be a torch.Tensor, got {type(position_ids).__name__}")
+    if not isinstance(inv_freq, torch.Tensor) or inv_freq.dim() != 1:
+        raise ValueError("inv_freq must be a 1-D tensor of shape (head_dim // 2,)")
+    if position_ids.is_complex() or position_ids.dtype == torch.bool:
+        raise TypeError(f"position_ids must be integer or float, got {position_ids.dtype}")
+    freqs = position_ids.to(torch.float32)[..., None] * inv_freq.to(
+        device=position_ids.device, dtype=torch.float32
+    )
+    return freqs.cos(), freqs.sin()
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rotate_heads(
+    IN,
+    OUT,
+    b,
+    s,
+    H,
+    stride_ib,
+    stride_is,
+    stride_ih,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    cos,
+    sin,
+    d,
+    dmask,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Rotate all H heads of token (b, s): out1 = x1*cos - x2*sin, out2 = x2*cos + x1*sin."""
+    h = tl.arange(0, BLOCK_H)
+    mask = (h < H)[:, None] & dmask[None, :]
+    src = IN + b * stride_ib + s * stride_is + h[:, None] * stride_ih + d[None, :]
+    dst = OUT + b * stride_ob + s * stride_os + h[:, None] * stride_oh + d[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(cos.dtype)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(cos.dtype)
+    o1 = x1 * cos[None, :] - x2 * sin[None, :]
+    o2 = x2 * cos[None, :] + x1 * sin[None, :]
+    tl.store(dst, o1.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, o2.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(
+    configs=pick_configs([triton.Config({}, num_warps=w) for w in (4, 2, 8)]),
+    key=["HQ", "HK", "HALF"],
+    restore_value=["Q", "K"],  # in-place calls overwrite q and k while the tuner re-runs them
+)
+@triton.jit
+def _rope_kernel(
+    Q,
+    K,
+    QO,
+    KO,
+    COS,
+    SIN,
+    S,
+    HQ,
+    HK,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_qob,
+    stride_qos,
+    stride_qoh,
+    stride_kob,
+    stride_kos,
+    stride_koh,
+    stride_cb,
+    stride_cs,
+    ACC: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+):
+    """One program per token (b, s): loads cos/sin[b, s, :] once and rotates every head of q and
+    of k by theta (BACKWARD: by -theta, i.e. sin negated). Arithmetic in ACC."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // S
+    s = pid % S
+    d = tl.arange(0, BLOCK_HALF)
+    dmask = d < HALF
+    cos = tl.load(COS + b * stride_cb + s * stride_cs + d, mask=dmask, other=0.0).to(ACC)
+    sin = tl.load(SIN + b * stride_cb + s * stride_cs + d, mask=dmask, other=0.0).to(ACC)
+    if BACKWARD:
+        sin = -sin
+    _rotate_heads(
+        Q, QO, b, s, HQ, stride_qb, stride_qs, stride_qh, stride_qob, stride_qos, stride_qoh,
+        cos, sin, d, dmask, HALF, BLOCK_HQ,
+    )  # fmt: skip
+    _rotate_heads(
+        K, KO, b, s, HK, stride_kb, stride_ks, stride_kh, stride_kob, stride_kos, stride_koh,
+        cos, sin, d, dmask, HALF, BLOCK_HK,
+    )  # fmt: skip
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _cos_sin_3d(c: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """cos/sin as a (Bc, S, D/2) tensor with unit last stride, and its (batch, seq) strides; a
+    batch of 1 or a 2-D table broadcasts over the batch (stride 0)."""
+    c = _unit_last(c)
+    if c.dim() == 2:
+        return c, 0, c.stride(0)
+    return c, (0 if c.shape[0] == 1 else c.stride(0)), c.stride(1)
+
+
+def _rope_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    qo: torch.Tensor,
+    ko: torch.Tensor,
+    backward: bool,
+) -> None:
+    bsz, seq, hq, d = q.shape
+    hk = k.shape[2]
+    half = d // 2
+    if bsz * seq == 0:
+        return
+    cos, scb, scs = _cos_sin_3d(cos)
+    sin, ssb, sss = _cos_sin_3d(sin)
+    if (scb, scs) != (ssb, sss):  # one stride pair is passed for both tables
+        cos, sin = cos.contiguous(), sin.contiguous()
+        cos, scb, scs = _cos_sin_3d(cos)
+    acc = tl.float64 if q.dtype == torch.float64 else tl.float32
+    _rope_kernel[(bsz * seq,)](
+        q, k, qo, ko, cos, sin, seq, hq, hk,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
+        scb, scs,
+        ACC=acc, BACKWARD=backward, HALF=half, BLOCK_HALF=next_power_of_2(half),
+        BLOCK_HQ=next_power_of_2(hq), BLOCK_HK=next_power_of_2(hk),
+    )  # fmt: skip
+
+
+class RoPEFunction(torch.autograd.Function):
+    """Rotates q and k in one launch; backward rotates dq', dk' by -theta in one launch.
+    Saves only cos and sin."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, inplace: bool):
+        q_in, k_in = _unit_last(q), _unit_last(k)
+        if inplace and q_in is q and k_in is k:
+            qo, ko = q, k
+        else:
+            qo, ko = torch.empty_like(q_in), torch.empty_like(k_in)
+        _rope_launch(q_in, k_in, cos, sin, qo, ko, backward=False)
+        if qo is q:
+            ctx.mark_dirty(q, k)
+        ctx.save_for_backward(cos, sin)
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, dqo, dko):
+        cos, sin = ctx.saved_tensors
+        dqo, dko = _unit_last(dqo), _unit_last(dko)
+        dq = torch.empty(dqo.shape, dtype=dqo.dtype, device=dqo.device)
+        dk = torch.empty(dko.shape, dtype=dko.dtype, device=dko.device)
+        _rope_launch(dqo, dko, cos, sin, dq, dk, backward=True)
+        return dq, dk, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# reference and public API
+# ----------------------------------------------------------------------------------------------
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope_ref(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF-style RoPE: cos/sin (B,S,D/2) or (S,D/2) duplicated to D, cast to the activation dtype,
+    then ``x * cos + rotate_half(x) * sin`` in that dtype (differentiable)."""
+
+    def expand(c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        c = torch.cat((c, c), dim=-1).to(dtype)
+        return c.unsqueeze(-2)  # broadcast over heads: (..., S, 1, D)
+
+    cq, sq = expand(cos, q.dtype), expand(sin, q.dtype)
+    ck, sk = expand(cos, k.dtype), expand(sin, k.dtype)
+    return q * cq + _rotate_half(q) * sq, k * ck + _rotate_half(k) * sk
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    check_float(q, "q", _DTYPES)
+    check_float(k, "k", _DTYPES)
+    check_float(cos, "cos", _DTYPES)
+    check_float(sin, "sin", _DTYPES)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(
+            f"q and k must be 4-D (batch, seq, heads, head_dim), got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}"
+        )
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must have one dtype, got {q.dtype} and {k.dtype}")
+    bsz, seq, _, d = q.shape
+    if k.shape[0] != bsz or k.shape[1] != seq or k.shape[3] != d:
+        raise ValueError(
+            f"k {tuple(k.shape)} must match q {tuple(q.shape)} in batch, seq and head_dim"
+        )
+    if d % 2:
+        raise ValueError(f"head_dim must be even, got {d}")
+    if d > 1024:
+        raise ValueError(f"head_dim must be at most 1024, got {d}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one shape")
+    ok = (cos.dim() == 2 and tuple(cos.shape) == (seq, d // 2)) or (
+        cos.dim() == 3 and cos.shape[0] in (1, bsz) and tuple(cos.shape[1:]) == (seq, d // 2)
+    )
+    if not ok:
+        raise ValueError(
+            f"cos/sin must have shape ({bsz}, {seq}, {d // 2}) or ({seq}, {d // 2}) for q "
+            f"{tuple(q.shape)} (half the head dim, as rope_cos_sin returns), got {tuple(cos.shape)}"
+        )
+    check_same_device(q=q, k=k, cos=cos, sin=sin)
+
+
+def apply_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (B,S,Hq,D) and k (B,S,Hk,D) by the angles whose cos/sin are given.
+
+    ``inplace=True`` lets the op write the result into q and k and return them: the Triton path
+    does so whenever q and k have unit stride along D; the reference path only outside autograd.
+    Always use the returned tensors. Gradients flow to q and k, not to cos/sin.
+    """
+    _check(q, k, cos, sin)
+    if not _use_triton(q, k, cos, sin):
+        qo, ko = apply_rope_ref(q, k, cos, sin)
+        if inplace and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+            q.copy_(qo)
+            k.copy_(ko)
+            return q, k
+        return qo, ko
+    return RoPEFunction.apply(q, k, cos.detach(), sin.detach(), bool(inplace))
