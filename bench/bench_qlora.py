@@ -1,0 +1,209 @@
+"""QLoRA linear benchmarks: training fwd+bwd at M=8192 and the small-M (decode) forward.
+
+Floors on one H100 (~700 TFLOP/s bf16 matmul, ~3000 GB/s copy); the larger one is the floor.
+
+fwd+bwd, M=8192, r=16 (FLOPs: 2·M·N·K forward + 2·M·N·K for dX, no dW; the adapter adds
+6·M·r·(N+K), under 1%):
+  4096 -> 4096    551 GFLOP  -> 0.79 ms   bytes (x, y, dY, dX, W twice 4-bit) ~0.27 GB -> 0.09 ms
+  4096 -> 14336  1926 GFLOP  -> 2.75 ms   ~0.72 GB -> 0.24 ms
+  14336 -> 4096  1926 GFLOP  -> 2.75 ms   ~0.72 GB -> 0.24 ms
+  -> compute bound; the target is <= 1.05x plain torch with a frozen bf16 weight.
+
+forward, small M (bytes: the NF4 weight N·K/2 + absmax; x and y are tiny):
+  4096 x 4096   M=1..64:  8.4 MB (+0.26 MB uint8 absmax) -> 2.9 µs;  2·M·N·K <= 2.1 GFLOP -> 3 µs
+  14336 x 4096  M=1..64: 29.4 MB (+0.92 MB)               -> 10 µs;   <= 7.5 GFLOP -> 11 µs at M=64
+  -> memory bound up to M ~ 64 (bf16 weight instead: 33.5 / 117 MB -> 11 / 39 µs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.common import Ceilings, Row, bench_ms
+
+M_TRAIN = 8192
+RANK = 16
+SCALING = 2.0
+TRAIN_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in K, out N)
+SMALL_M_SHAPES = [(4096, 4096), (14336, 4096)]  # (N, K)
+SMALL_MS = {(4096, 4096): [1, 8, 16, 32, 64, 128], (14336, 4096): [1, 8, 16, 32]}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _quantized(n: int, k: int):
+    from qkern.nf4 import dequantize_4bit, quantize_4bit
+
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed, state = quantize_4bit(w)
+    return w, packed, state, dequantize_4bit(packed, state, dtype=torch.bfloat16)
+
+
+def _train_case(k: int, n: int) -> list[Row]:
+    import qkern.qlora as ql
+
+    rows = []
+    _, packed, state, w = _quantized(n, k)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M_TRAIN, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    a = torch.randn(RANK, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5
+    b = torch.randn(n, RANK, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    gy = torch.randn(M_TRAIN, n, device="cuda", dtype=torch.bfloat16, generator=g)
+    for t in (x, a, b):
+        t.requires_grad_()
+
+    def torch_fb():
+        y = x @ w.t() + SCALING * ((x @ a.t()) @ b.t())
+        return y, torch.autograd.grad(y, (x, a, b), gy)
+
+    def qkern_fb(dropout=0.0):
+        y = ql.qlora_linear(x, packed, state, a, b, SCALING, dropout=dropout)
+        return y, torch.autograd.grad(y, (x, a, b), gy)
+
+    def torch_fb_dropout():
+        xd = torch.nn.functional.dropout(x, 0.1)
+        y = x @ w.t() + SCALING * ((xd @ a.t()) @ b.t())
+        return y, torch.autograd.grad(y, (x, a, b), gy)
+
+    # correctness of what is timed: against fp32 math on the same (dequantized) weight
+    y_q, g_q = qkern_fb()
+    with torch.no_grad():
+        xf, af, bf, wf, gf = x.float(), a.float(), b.float(), w.float(), gy.float()
+        y_ref = xf @ wf.t() + SCALING * ((xf @ af.t()) @ bf.t())
+        u = gf @ bf
+        refs = (
+            gf @ wf + SCALING * u @ af,
+            SCALING * u.t() @ xf,
+            SCALING * gf.t() @ (xf @ af.t()),
+        )
+    err = {"relerr_y": _rel(y_q, y_ref)}
+    err.update({f"relerr_d{nm}": _rel(gq, r) for nm, gq, r in zip("xab", g_q, refs)})
+    y_t, g_t = torch_fb()
+    err_t = {"relerr_y": _rel(y_t, y_ref)}
+    err_t.update({f"relerr_d{nm}": _rel(gt, r) for nm, gt, r in zip("xab", g_t, refs)})
+    y_q = g_q = y_t = g_t = y_ref = refs = u = xf = wf = gf = None
+
+    flops = 4.0 * M_TRAIN * n * k + 6.0 * M_TRAIN * RANK * (n + k)
+    case = f"M={M_TRAIN} {k}->{n} r={RANK}"
+    t_torch = bench_ms(torch_fb)
+    rows.append(Row("qlora_fwdbwd", case, "torch-bf16W", t_torch, flops=flops, extra=err_t))
+    for lora_first in (True, False):
+        ql._LORA_FIRST = lora_first
+        t_q = bench_ms(qkern_fb)
+        extra = {"ratio_vs_torch": t_q / t_torch, "lora_first": lora_first}
+        rows.append(Row("qlora_fwdbwd", case, "qkern", t_q, flops=flops, extra={**extra, **err}))
+    ql._LORA_FIRST = True
+    t_qd = bench_ms(lambda: qkern_fb(0.1))
+    t_td = bench_ms(torch_fb_dropout)
+    rows.append(Row("qlora_fwdbwd", case + " p=0.1", "torch-bf16W", t_td, flops=flops))
+    rows.append(
+        Row(
+            "qlora_fwdbwd",
+            case + " p=0.1",
+            "qkern",
+            t_qd,
+            flops=flops,
+            extra={"ratio_vs_torch": t_qd / t_td},
+        )
+    )
+    return rows
+
+
+def _small_m_case(n: int, k: int) -> list[Row]:
+    import qkern.qlora as ql
+
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except Exception:  # not installed here
+        bnb = None
+
+    rows = []
+    w_raw, packed, state, w = _quantized(n, k)
+    bnb_w = bnb_state = None
+    if bnb is not None:
+        bnb_w, bnb_state = bnbf.quantize_4bit(
+            w_raw, blocksize=64, quant_type="nf4", compress_statistics=True
+        )
+    nbytes = packed.numel() + state.absmax.numel() * state.absmax.element_size()
+    crossover = None
+    for m in SMALL_MS[(n, k)]:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        case = f"M={m} {n}x{k}"
+        flops = 2.0 * m * n * k
+        io = (m * k + m * n) * 2
+        ref = x.float() @ w.float().t()
+        y = ql.nf4_matmul(x, packed, state)
+        t_q = bench_ms(lambda: ql.nf4_matmul(x, packed, state))  # noqa: B023
+        t_bf16 = bench_ms(lambda: x @ w.t())  # noqa: B023
+
+        def dequant_mm():
+            return x @ ql.dequant_workspace(packed, state, torch.bfloat16).t()  # noqa: B023
+
+        t_dq = bench_ms(dequant_mm)
+        if crossover is None and t_q > t_dq:
+            crossover = m
+        extra = {
+            "relerr": _rel(y, ref),
+            "vs_bf16": t_bf16 / t_q,
+            "vs_dequant_mm": t_dq / t_q,
+        }
+        if bnb is not None:
+            with torch.no_grad():
+                y_b = bnb.matmul_4bit(x, bnb_w.t(), quant_state=bnb_state)
+                t_b = bench_ms(lambda: bnb.matmul_4bit(x, bnb_w.t(), quant_state=bnb_state))  # noqa: B023
+            extra["vs_bnb"] = t_b / t_q
+            rows.append(
+                Row(
+                    "nf4_matmul",
+                    case,
+                    "bitsandbytes",
+                    t_b,
+                    bytes=nbytes + io,
+                    flops=flops,
+                    extra={"relerr": _rel(y_b, ref)},
+                )
+            )
+        rows.append(
+            Row("nf4_matmul", case, "torch-bf16W", t_bf16, bytes=n * k * 2 + io, flops=flops)
+        )
+        rows.append(
+            Row(
+                "nf4_matmul",
+                case,
+                "qkern-dequant+mm",
+                t_dq,
+                bytes=nbytes + n * k * 4 + io,
+                flops=flops,
+            )
+        )
+        rows.append(
+            Row("nf4_matmul", case, "qkern", t_q, bytes=nbytes + io, flops=flops, extra=extra)
+        )
+    rows.append(
+        Row(
+            "nf4_matmul",
+            f"crossover {n}x{k}",
+            "qkern",
+            0.0,
+            extra={
+                "first_M_slower_than_dequant_mm": crossover or f">{SMALL_MS[(n, k)][-1]}",
+                "NF4_MATMUL_MAX_M": ql.NF4_MATMUL_MAX_M,
+            },
+        )
+    )
+    return rows
+
+
+def run(ceilings: Ceilings | None) -> list[Row]:
+    rows = []
+    for n, k in SMALL_M_SHAPES:
+        rows += _small_m_case(n, k)
+        torch.cuda.empty_cache()
+    for k, n in TRAIN_SHAPES:
+        rows += _train_case(k, n)
+        torch.cuda.empty_cache()
+    return rows

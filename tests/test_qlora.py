@@ -1,0 +1,662 @@
+"""QLoRA linear, the fused small-M NF4 matmul and the QLoRALinear module.
+
+The oracle is the same math in float64: W dequantized (fp32, exact in fp64), y = x·Wᵀ +
+s·(d(x)·Aᵀ)·Bᵀ + bias, gradients from float64 autograd. Kernel paths run with the Triton backend
+forced (the interpreter on CPU), in fp32 and fp16; bf16 and real shapes are GPU tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import qkern
+from qkern import qlora
+from qkern.nf4 import dequantize_4bit, quantize_4bit
+from qkern.qlora import (
+    QLoRALinear,
+    lora_dropout_mask,
+    nf4_matmul,
+    nf4_matmul_supported,
+    qlora_linear,
+    qlora_linear_ref,
+)
+from tests.helpers import assert_close_rule, kernel_device, poisoned, rel_err
+
+EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def _weight(n, k, blocksize=64, dq=True, seed=0, device="cpu", scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * scale
+    with qkern.backend("reference"):
+        packed, state = quantize_4bit(w, blocksize=blocksize, compress_statistics=dq)
+        w64 = dequantize_4bit(packed, state, dtype=torch.float32).double()
+    if device != "cpu":
+        packed, state = packed.to(device), state.to(device)
+    return packed, state, w64
+
+
+def _oracle(x, w64, a, b, s, bias=None, keep=None, p=0.0):
+    """float64 forward and its autograd leaves (x, A, B, bias), on x's device."""
+    dev = x.device
+
+    def leaf(t):
+        return None if t is None else t.detach().double().to(dev).requires_grad_()
+
+    x64, a64, b64, bias64 = leaf(x), leaf(a), leaf(b), leaf(bias)
+    y = x64 @ w64.to(dev).t()
+    if a is not None:
+        xd = x64
+        if keep is not None:
+            xd = torch.where(keep.to(dev).view(x.shape), x64 / (1 - p) if p < 1 else 0 * x64, 0.0)
+        y = y + s * ((xd @ a64.t()) @ b64.t())
+    if bias is not None:
+        y = y + bias64
+    return y, (x64, a64, b64, bias64)
+
+
+def _grads(y, leaves, gy):
+    y.backward(gy.detach().to(y.dtype).to(y.device))
+    return [None if t is None else t.grad for t in leaves]
+
+
+def _atol(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    # a few ulps of the largest magnitude: where |ref| is tiny through cancellation the
+    # same-dtype torch error can be accidentally ~0, and this floor keeps the rule meaningful
+    return 4 * EPS[dtype] * float(ref.detach().abs().max()) + 1e-6
+
+
+def _inputs(lead, n, k, r, dtype, device, seed=1, bias=True, a_dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    a_dtype = a_dtype or dtype
+    x = torch.randn(*lead, k, generator=g).to(dtype).to(device)
+    a = (torch.randn(r, k, generator=g) / math.sqrt(k)).to(a_dtype).to(device)
+    b = (torch.randn(n, r, generator=g) * 0.5).to(a_dtype).to(device)
+    bb = (torch.randn(n, generator=g) * 0.1).to(dtype).to(device) if bias else None
+    return x, a, b, bb
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+
+
+@given(
+    n=st.integers(1, 70),
+    k=st.integers(1, 130),
+    lead=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    r=st.sampled_from([1, 3, 8]),
+    has_bias=st.booleans(),
+)
+def test_reference_matches_fp64_math(n, k, lead, r, has_bias):
+    packed, state, w64 = _weight(n, k, seed=n * 131 + k)
+    x, a, b, bias = _inputs(lead, n, k, r, torch.float32, "cpu", bias=has_bias)
+    for t in (x, a, b, bias):
+        if t is not None:
+            t.requires_grad_()
+    s = 0.75
+    with qkern.backend("reference"):
+        y = qlora_linear_ref(x, packed, state, a, b, s, bias)
+    y64, leaves = _oracle(x, w64, a, b, s, bias)
+    gy = torch.randn_like(y64)
+    assert_close_rule(y, y64, atol=_atol(y64, torch.float32) * 4, name="y")
+    got = _grads(y, (x, a, b, bias), gy)
+    want = _grads(y64, leaves, gy)
+    for name, g1, g2 in zip(("dX", "dA", "dB", "dbias"), got, want):
+        if g2 is not None:
+            assert_close_rule(g1, g2, atol=_atol(g2, torch.float32) * 4 * max(1, k), name=name)
+
+
+def test_reference_gradcheck_float64():
+    packed, state, _ = _weight(5, 12, blocksize=32)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    a = torch.randn(2, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(5, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+    keep = torch.rand(2, 3, 12, generator=g) >= 0.4
+
+    def f(x, a, b, bias):
+        return qlora_linear_ref(x, packed, state, a, b, 1.5, bias, 0.4, dropout_mask=keep)
+
+    assert torch.autograd.gradcheck(f, (x, a, b, bias))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel path (Triton forced: interpreter on CPU)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_kernel_vs_oracle(lead, n, k, r, dtype, has_bias, seed, a_dtype=None, bs=64, dq=True):
+    dev = kernel_device()
+    packed, state, w64 = _weight(n, k, blocksize=bs, dq=dq, seed=seed, device=dev)
+    x, a, b, bias = _inputs(lead, n, k, r, dtype, dev, seed=seed, bias=has_bias, a_dtype=a_dtype)
+    s = 2.0
+    if bias is not None:
+        bias.requires_grad_()
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, a, b)]
+    leaves.append(bias.detach().clone().requires_grad_() if bias is not None else None)
+    with qkern.backend("triton"):
+        y = qlora_linear(
+            x.requires_grad_(), packed, state, a.requires_grad_(), b.requires_grad_(), s, bias
+        )
+    with qkern.backend("reference"):
+        y_t = qlora_linear_ref(leaves[0], packed, state, leaves[1], leaves[2], s, leaves[3])
+    y64, leaves64 = _oracle(x, w64, a, b, s, bias)
+    gy = torch.randn(
+        y64.shape, generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64
+    )
+    assert y.dtype == dtype and y.shape == (*lead, n)
+    assert_close_rule(y, y64, y_t, atol=_atol(y64, dtype), name="y")
+    got = _grads(y, (x, a, b, bias), gy)
+    same = _grads(y_t, leaves, gy)
+    want = _grads(y64, leaves64, gy)
+    for name, g1, gt, g2, t in zip(("dX", "dA", "dB", "dbias"), got, same, want, (x, a, b, bias)):
+        if g2 is None:
+            continue
+        assert g1.dtype == t.dtype, name
+        assert_close_rule(g1, g2, gt, atol=_atol(g2, dtype), name=name)
+
+
+@given(
+    n=st.integers(1, 70),
+    k=st.sampled_from([32, 64, 96, 160, 40, 72, 33]),
+    lead=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    r=st.sampled_from([1, 3, 8]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    has_bias=st.booleans(),
+)
+def test_kernel_path_matches_fp64(n, k, lead, r, dtype, has_bias):
+    # rows = prod(lead) in 1..125 covers both the fused small-M forward (<= NF4_MATMUL_MAX_M)
+    # and dequant-workspace + matmul; K in {40, 72, 33} falls back from the fused kernel
+    _check_kernel_vs_oracle(lead, n, k, r, dtype, has_bias, seed=n + k + r)
+
+
+@pytest.mark.parametrize("lead", [(3,), (2, 40)])
+def test_kernel_path_fp32_adapter_weights(lead):
+    # A, B kept in fp32 (optimizer master weights) with fp16 compute: grads come back in fp32
+    _check_kernel_vs_oracle(lead, 24, 64, 4, torch.float16, True, seed=5, a_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dq,bs", [(False, 32), (True, 128)])
+def test_kernel_path_blocksizes(dq, bs):
+    _check_kernel_vs_oracle((2, 20), 19, 128, 3, torch.float32, False, seed=9, bs=bs, dq=dq)
+
+
+def test_kernel_path_no_adapter_and_partial_grads():
+    dev = kernel_device()
+    packed, state, w64 = _weight(21, 64, device=dev)
+    x, _, _, bias = _inputs((45,), 21, 64, 1, torch.float32, dev)
+    bias.requires_grad_()
+    with qkern.backend("triton"):
+        y = qlora_linear(x.requires_grad_(), packed, state, bias=bias)
+    y64, leaves = _oracle(x, w64, None, None, 0.0, bias)
+    gy = torch.randn_like(y64)
+    assert_close_rule(y, y64, atol=1e-4)
+    dx, _, _, db = _grads(y, (x, None, None, bias), gy)
+    ex, _, _, eb = _grads(y64, leaves, gy)
+    assert_close_rule(dx, ex, atol=1e-4)
+    assert_close_rule(db, eb, atol=1e-4)
+    # a frozen bias gets no gradient; x without grad skips dX; only the adapter trains
+    x2, a, b, fb = _inputs((45,), 21, 64, 2, torch.float32, dev)
+    with qkern.backend("triton"):
+        y = qlora_linear(x2, packed, state, a.requires_grad_(), b.requires_grad_(), 1.0, fb)
+    y.sum().backward()
+    assert x2.grad is None and fb.grad is None
+    assert a.grad is not None and b.grad is not None
+
+
+def test_kernel_path_noncontiguous_input():
+    dev = kernel_device()
+    packed, state, w64 = _weight(10, 64, device=dev)
+    base = torch.randn(64, 6, device=dev)
+    x = base.t()  # (6, 64), stride (1, 6)
+    _, a, b, _ = _inputs((6,), 10, 64, 2, torch.float32, dev, bias=False)
+    with qkern.backend("triton"):
+        y = qlora_linear(x, packed, state, a, b, 0.5)
+    y64, _ = _oracle(x, w64, a, b, 0.5)
+    assert_close_rule(y, y64, atol=1e-4)
+
+
+def test_workspace_is_reused_across_layers():
+    dev = kernel_device()
+    layers = [_weight(n, k, seed=n, device=dev) for n, k in ((40, 64), (24, 96), (40, 64))]
+    ptrs = []
+    for packed, state, w64 in layers:
+        x = torch.randn(50, state.shape[1], device=dev)
+        with qkern.backend("triton"):
+            y = qlora_linear(x, packed, state)
+            ptrs.append(qlora.dequant_workspace(packed, state, torch.float32).data_ptr())
+        assert_close_rule(y, x.double().cpu() @ w64.t(), atol=1e-4)
+    assert len(set(ptrs)) == 1  # one buffer, sized for the largest weight
+
+
+# --------------------------------------------------------------------------------------------
+# Dropout
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [7, 70])  # fused small-M forward / dequant + matmul
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dropout_mask_replayed_in_backward(rows, dtype):
+    dev = kernel_device()
+    n, k, r, p, s, seed = 30, 96, 3, 0.3, 1.25, 1234
+    packed, state, w64 = _weight(n, k, device=dev)
+    x, a, b, bias = _inputs((rows,), n, k, r, dtype, dev)
+    x.requires_grad_()
+    a.requires_grad_()
+    b.requires_grad_()
+    with qkern.backend("triton"):
+        y = qlora_linear(x, packed, state, a, b, s, bias, dropout=p, dropout_seed=seed)
+        keep = lora_dropout_mask(seed, (rows, k), p, dev)
+    assert keep.dtype == torch.bool and keep.shape == (rows, k)
+    y64, leaves = _oracle(x, w64, a, b, s, bias, keep=keep, p=p)
+    leaves_t = [t.detach().clone().requires_grad_() for t in (x, a, b)]
+    with qkern.backend("reference"):
+        y_t = qlora_linear_ref(
+            *leaves_t[:1], packed, state, *leaves_t[1:], s, bias, p, dropout_mask=keep
+        )
+    gy = torch.randn_like(y64)
+    assert_close_rule(y, y64, y_t, atol=_atol(y64, dtype), name="y")
+    got = _grads(y, (x, a, b), gy)
+    same = _grads(y_t, leaves_t, gy)
+    want = _grads(y64, leaves[:3], gy)
+    for name, g1, gt, g2 in zip(("dX", "dA", "dB"), got, same, want):
+        assert_close_rule(g1, g2, gt, atol=_atol(g2, dtype), name=name)
+    # the mask is actually used: without it the adapter term differs
+    y_nodrop, _ = _oracle(x, w64, a, b, s, bias)
+    assert (y_nodrop - y64).abs().max() > 1e-3
+
+
+def test_dropout_mask_statistics_and_seeds():
+    dev = kernel_device()
+    with qkern.backend("triton"):
+        m1 = lora_dropout_mask(7, (64, 160), 0.25, dev)
+        m2 = lora_dropout_mask(7, (64, 160), 0.25, dev)
+        m3 = lora_dropout_mask(8, (64, 160), 0.25, dev)
+        m0 = lora_dropout_mask(7, (64, 160), 0.0, dev)
+        mall = lora_dropout_mask(7, (64, 160), 1.0, dev)
+    kept = m1.float().mean().item()
+    sigma = math.sqrt(0.25 * 0.75 / m1.numel())
+    assert abs(kept - 0.75) < 5 * sigma
+    assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+    assert bool(m0.all()) and not bool(mall.any())
+
+
+def test_dropout_edge_cases():
+    dev = kernel_device()
+    n, k = 12, 64
+    packed, state, w64 = _weight(n, k, device=dev)
+    x, a, b, _ = _inputs((40,), n, k, 2, torch.float32, dev, bias=False)
+    a.requires_grad_()
+    b.requires_grad_()
+    with qkern.backend("triton"):
+        # p = 1: the adapter sees zeros; dA = dB = 0
+        y = qlora_linear(x, packed, state, a, b, 1.0, dropout=1.0, dropout_seed=3)
+        y.sum().backward()
+        assert_close_rule(y, x.double().cpu() @ w64.t(), atol=1e-4)
+        assert not a.grad.any() and not b.grad.any()
+        # eval mode and p = 0 are dropout-free and deterministic
+        y_eval = qlora_linear(x, packed, state, a, b, 1.0, dropout=0.5, training=False)
+        y_p0 = qlora_linear(x, packed, state, a, b, 1.0, dropout=0.0)
+        assert torch.equal(y_eval, y_p0)
+        # same seed, same result; another seed, another mask
+        ya = qlora_linear(x, packed, state, a, b.detach() + 1, 1.0, dropout=0.5, dropout_seed=11)
+        yb = qlora_linear(x, packed, state, a, b.detach() + 1, 1.0, dropout=0.5, dropout_seed=11)
+        yc = qlora_linear(x, packed, state, a, b.detach() + 1, 1.0, dropout=0.5, dropout_seed=12)
+    assert torch.equal(ya, yb) and not torch.equal(ya, yc)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="dropout"):
+            qlora_linear(x, packed, state, a, b, 1.0, dropout=bad)
+
+
+def test_dropout_seed_follows_torch_seed():
+    dev = kernel_device()
+    packed, state, _ = _weight(12, 64, device=dev)
+    x, a, b, _ = _inputs((20,), 12, 64, 2, torch.float32, dev, bias=False)
+    b = b + 1
+    outs = []
+    with qkern.backend("triton"):
+        for _ in range(2):
+            torch.manual_seed(99)
+            outs.append(qlora_linear(x, packed, state, a, b, 1.0, dropout=0.5))
+    assert torch.equal(outs[0], outs[1])
+
+
+# --------------------------------------------------------------------------------------------
+# nf4_matmul (fused small-M kernel)
+# --------------------------------------------------------------------------------------------
+
+
+_NF4_SHAPES = [(33, 64, 64, True), (47, 160, 64, False), (20, 96, 32, True), (9, 256, 128, True)]
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 16, 70])
+@pytest.mark.parametrize("shape", range(len(_NF4_SHAPES)))
+def test_nf4_matmul_vs_dequant_matmul(m, shape):
+    # K=160, 96 with blocksize 64/32: quant blocks cross row boundaries; the dtype alternates
+    # over the grid so that both meet every M and every shape
+    n, k, bs, dq = _NF4_SHAPES[shape]
+    dtype = (torch.float32, torch.float16)[(m + shape) % 2]
+    dev = kernel_device()
+    packed, state, w64 = _weight(n, k, blocksize=bs, dq=dq, seed=m + n, device=dev)
+    assert nf4_matmul_supported(k, state)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(dtype).to(dev)
+    bias = torch.randn(n, generator=g).to(dtype).to(dev)
+    out = poisoned((m, n), dtype, dev)
+    with qkern.backend("triton"):
+        y = nf4_matmul(x, packed, state, bias, out=out)
+        y2 = nf4_matmul(x, packed, state, bias)
+    assert y.data_ptr() == out.data_ptr()
+    ref64 = x.double().cpu() @ w64.t() + bias.double().cpu()
+    same = (x.cpu().float() @ w64.float().t().to(dtype).float()).to(dtype) + bias.cpu()
+    assert_close_rule(y, ref64, same, atol=_atol(ref64, dtype))
+    assert torch.equal(y, y2)  # split-K reduction in a fixed order: deterministic
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dq", [True, False])
+def test_nf4_matmul_dequantizes_exactly(dtype, dq):
+    # one-hot rows pick single columns of W: the in-kernel dequant (absmax through the double
+    # quant formula included) must equal dequantize_4bit bit for bit
+    dev = kernel_device()
+    n, k = 40, 192
+    packed, state, _ = _weight(n, k, dq=dq, seed=4, device=dev, scale=3.0)
+    cols = torch.tensor([0, 1, 63, 64, 100, 191, 127, 128])
+    x = torch.zeros(len(cols), k, dtype=dtype, device=dev)
+    x[torch.arange(len(cols)), cols] = 1
+    with qkern.backend("reference"):
+        w = dequantize_4bit(packed.cpu(), state.to("cpu"), dtype=dtype)
+    with qkern.backend("triton"):
+        y = nf4_matmul(x, packed, state)
+        y1 = nf4_matmul(x[3:4], packed, state)  # the single-row (FMA) variant
+    assert torch.equal(y.cpu(), w[:, cols].t())
+    assert torch.equal(y1.cpu(), w[:, cols[3:4]].t())
+
+
+def test_nf4_matmul_unsupported_k_falls_back():
+    dev = kernel_device()
+    packed, state, w64 = _weight(11, 33, device=dev)  # odd K: blocks and bytes straddle rows
+    assert not nf4_matmul_supported(33, state)
+    x = torch.randn(2, 3, 33, device=dev)
+    with qkern.backend("triton"):
+        y = nf4_matmul(x, packed, state)
+    assert y.shape == (2, 3, 11)
+    assert_close_rule(y, x.double().cpu() @ w64.t(), atol=1e-4)
+
+
+def test_nf4_matmul_bad_inputs():
+    packed, state, _ = _weight(8, 64)
+    x = torch.randn(3, 64)
+    with pytest.raises(ValueError, match="in_features=64"):
+        nf4_matmul(torch.randn(3, 65), packed, state)
+    with pytest.raises(ValueError, match="out must be"):
+        nf4_matmul(x, packed, state, out=torch.empty(3, 9))
+    with pytest.raises(TypeError, match="x must have dtype"):
+        nf4_matmul(x.long(), packed, state)
+    with pytest.raises(ValueError, match="bias must be"):
+        nf4_matmul(x, packed, state, bias=torch.randn(7))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input of qlora_linear
+# --------------------------------------------------------------------------------------------
+
+
+def test_qlora_linear_bad_inputs():
+    packed, state, _ = _weight(8, 64)
+    x = torch.randn(3, 64)
+    a, b = torch.randn(4, 64), torch.randn(8, 4)
+    cases = [
+        ((torch.randn(3, 60), packed, state, a, b), ValueError, "x.shape"),
+        ((x, packed[:-1], state, a, b), ValueError, "packed has"),
+        ((x, packed.float(), state, a, b), TypeError, "packed must be"),
+        ((x, packed, "state", a, b), TypeError, "state must be"),
+        ((x, packed, state, torch.randn(4, 63), b), ValueError, "lora_a must be"),
+        ((x, packed, state, a, torch.randn(9, 4)), ValueError, "lora_b must be"),
+        ((x, packed, state, a, torch.randn(8, 5)), ValueError, "rank mismatch"),
+        ((x, packed, state, a[:0], b[:, :0]), ValueError, "r=0"),
+        ((x, packed, state, a, None), ValueError, "together"),
+        ((x.half(), packed, state, a.bfloat16(), b.bfloat16()), TypeError, "lora_a must have"),
+        ((x, packed, state, a, b.half()), TypeError, "lora_b must have"),
+        ((x.int(), packed, state, a, b), TypeError, "x must have"),
+    ]
+    for args, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            qlora_linear(*args)
+    with pytest.raises(ValueError, match="bias must be"):
+        qlora_linear(x, packed, state, a, b, 1.0, torch.randn(9))
+    with pytest.raises(ValueError, match="scaling"):
+        qlora_linear(x, packed, state, a, b, float("nan"))
+
+
+# --------------------------------------------------------------------------------------------
+# QLoRALinear
+# --------------------------------------------------------------------------------------------
+
+
+def test_module_from_linear_round_trip():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40, bias=True)
+    m = QLoRALinear.from_linear(lin)
+    assert (m.in_features, m.out_features, m.r) == (96, 40, 0)
+    assert m.packed.dtype == torch.uint8 and "packed" in dict(m.named_buffers())
+    assert not m.bias.requires_grad and torch.equal(m.bias, lin.bias.detach())
+    packed, state = quantize_4bit(lin.weight.detach())
+    assert torch.equal(m.packed, packed)
+    w = m.base_weight(torch.float32)
+    assert torch.equal(w, dequantize_4bit(packed, state, dtype=torch.float32))
+    assert rel_err(w, lin.weight) < 0.15  # NF4 round trip of a uniform-init weight
+    out = torch.empty(40, 96, dtype=torch.float16)
+    assert m.base_weight(torch.float16, out=out) is out
+    # a bare tensor with an explicit bias, no double quant, blocksize 128
+    m2 = QLoRALinear.from_linear(
+        lin.weight, bias=torch.zeros(40), blocksize=128, compress_statistics=False
+    )
+    assert m2.quant_state.blocksize == 128 and not m2.quant_state.double_quant
+    assert not [p for p in m2.parameters() if p.requires_grad]
+
+
+def test_module_forward_adapter_and_merge():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(64, 24, bias=True)
+    m = QLoRALinear.from_linear(lin)
+    x = torch.randn(2, 5, 64)
+    w = m.base_weight(torch.float32)
+    torch.testing.assert_close(m(x), x @ w.t() + lin.bias.detach(), rtol=1e-5, atol=1e-5)
+    m.add_adapter(4, 8, generator=torch.Generator().manual_seed(0))
+    assert m.r == 4 and m.scaling == 2.0
+    assert not m.lora_B.any()  # B = 0: the adapter starts as the identity change
+    assert float(m.lora_A.detach().abs().max()) <= 1 / math.sqrt(64)  # kaiming_uniform(a=√5) bound
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+    with torch.no_grad():
+        m.lora_B.normal_()
+    merged = m.merged_weight()
+    expect = w.double() + 2.0 * m.lora_B.double() @ m.lora_A.double()
+    torch.testing.assert_close(merged.double(), expect, rtol=1e-6, atol=1e-6)
+    y = m(x)
+    torch.testing.assert_close(y, x @ merged.t() + lin.bias.detach(), rtol=1e-4, atol=1e-4)
+    y.sum().backward()
+    assert m.lora_A.grad is not None and m.lora_B.grad is not None
+    assert m.bias.grad is None
+    rep = repr(m)
+    for field in ("in_features=64", "out_features=24", "quant_type=nf4", "r=4", "scaling=2"):
+        assert field in rep
+
+
+def test_module_adapter_options():
+    m = QLoRALinear.from_linear(torch.randn(16, 64))
+    m.add_adapter(
+        16,
+        32,
+        use_rslora=True,
+        init="gaussian",
+        generator=torch.Generator().manual_seed(0),
+        dropout=0.1,
+    )
+    assert m.scaling == 32 / 4 and m.lora_dropout == 0.1
+    assert abs(m.lora_A.std().item() - 1 / 16) < 0.01
+    a1 = m.lora_A.detach().clone()
+    m.add_adapter(
+        16,
+        32,
+        use_rslora=True,
+        init="gaussian",
+        generator=torch.Generator().manual_seed(0),
+        dropout=0.1,
+    )
+    assert torch.equal(a1, m.lora_A)  # the generator makes init reproducible
+    m.add_adapter(2, 4, dtype=torch.bfloat16)
+    assert m.lora_A.dtype == torch.bfloat16 and m.lora_A.shape == (2, 64)
+    with pytest.raises(ValueError, match="r must be"):
+        m.add_adapter(0, 4)
+    with pytest.raises(ValueError, match="init"):
+        m.add_adapter(2, 4, init="zeros")
+    # eval mode turns dropout off: two calls agree
+    m.add_adapter(4, 4, dropout=0.5)
+    with torch.no_grad():
+        m.lora_B.normal_()
+    m.eval()
+    x = torch.randn(3, 64)
+    assert torch.equal(m(x), m(x))
+
+
+def test_module_to_moves_quant_state():
+    m = QLoRALinear.from_linear(torch.nn.Linear(64, 8))
+    m.add_adapter(2, 2)
+    absmax_dtype = m.quant_state.absmax.dtype
+    m.to(torch.float16)
+    assert m.packed.dtype == torch.uint8 and m.quant_state.absmax.dtype == absmax_dtype
+    assert m.quant_state.nested_absmax.dtype == torch.float32
+    assert m.lora_A.dtype == torch.float16
+    m.to("meta")
+    st_ = m.quant_state
+    for t in (m.packed, st_.absmax, st_.code, st_.nested_absmax, st_.nested_code):
+        assert t.device.type == "meta"
+
+
+def test_module_bad_inputs():
+    packed, state, _ = _weight(8, 64)
+    with pytest.raises(TypeError, match="quant_state must be"):
+        QLoRALinear(packed, "nope")
+    with pytest.raises(TypeError, match="packed must be"):
+        QLoRALinear(packed.float(), state)
+    with pytest.raises(ValueError, match="packed has"):
+        QLoRALinear(packed[:5], state)
+    with pytest.raises(ValueError, match="bias must be"):
+        QLoRALinear(packed, state, bias=torch.zeros(3))
+    with pytest.raises(TypeError, match="nn.Linear or a weight"):
+        QLoRALinear.from_linear([1, 2])
+    m = QLoRALinear(packed, state)
+    with pytest.raises(ValueError, match="x.shape"):
+        m(torch.randn(2, 63))
+    m.lora_A = torch.nn.Parameter(torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="r=0"):
+        m(torch.randn(2, 64))
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: bf16 / fp16 at real shapes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,n,k", [(1024, 4096, 4096), (512, 1024, 4096), (8, 4096, 4096)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_gpu_qlora_linear(dtype, rows, n, k, p):
+    packed, state, w64 = _weight(n, k, seed=rows, device="cuda", scale=0.02)
+    x, a, b, bias = _inputs((rows,), n, k, 16, dtype, "cuda")
+    x.requires_grad_()
+    a.requires_grad_()
+    b.requires_grad_()
+    s, seed = 2.0, 77
+    y = qlora_linear(x, packed, state, a, b, s, bias, dropout=p, dropout_seed=seed)
+    keep = lora_dropout_mask(seed, (rows, k), p, "cuda") if p > 0 else None
+    leaves_t = [t.detach().clone().requires_grad_() for t in (x, a, b)]
+    with qkern.backend("reference"):
+        y_t = qlora_linear_ref(
+            leaves_t[0], packed, state, leaves_t[1], leaves_t[2], s, bias, p, dropout_mask=keep
+        )
+    y64, leaves = _oracle(x, w64, a, b, s, bias, keep=keep, p=p)
+    gy = torch.randn_like(y64)
+    assert_close_rule(y, y64, y_t, atol=_atol(y64, dtype), name="y")
+    got = _grads(y, (x, a, b), gy)
+    same = _grads(y_t, leaves_t, gy)
+    want = _grads(y64, leaves[:3], gy)
+    for name, g1, gt, g2 in zip(("dX", "dA", "dB"), got, same, want):
+        assert_close_rule(g1, g2, gt, atol=_atol(g2, dtype), name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 2, 8, 16, 64, 200])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (14336, 4096), (4096, 14336), (1000, 96)])
+def test_gpu_nf4_matmul(dtype, m, n, k):
+    packed, state, w64 = _weight(n, k, seed=m, device="cuda", scale=0.02)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    out = poisoned((m, n), dtype, "cuda")
+    y = nf4_matmul(x, packed, state, out=out)
+    ref64 = x.double() @ w64.cuda().t()
+    same = x @ dequantize_4bit(packed, state, dtype=dtype).t()
+    assert_close_rule(y, ref64, same, atol=_atol(ref64, dtype))
+    assert torch.equal(y, nf4_matmul(x, packed, state))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_nf4_matmul_dequantizes_exactly(dtype):
+    n, k = 4096, 4096
+    packed, state, _ = _weight(n, k, seed=1, device="cuda", scale=0.02)
+    cols = torch.tensor([0, 1, 63, 64, 1000, 2047, 4032, 4095])
+    x = torch.zeros(len(cols), k, dtype=dtype, device="cuda")
+    x[torch.arange(len(cols)), cols] = 1
+    w = dequantize_4bit(packed, state, dtype=dtype)
+    assert torch.equal(nf4_matmul(x, packed, state), w[:, cols.cuda()].t())
+    assert torch.equal(nf4_matmul(x[:1], packed, state), w[:, cols[:1].cuda()].t())
+
+
+@pytest.mark.gpu
+def test_gpu_module_cuda_moves_state():
+    m = QLoRALinear.from_linear(torch.nn.Linear(256, 128))
+    m.add_adapter(8, 16)
+    m.cuda()
+    st_ = m.quant_state
+    for t in (m.packed, st_.absmax, st_.code, st_.nested_absmax, st_.nested_code, m.lora_A):
+        assert t.is_cuda
+    x = torch.randn(4, 7, 256, device="cuda", dtype=torch.bfloat16)
+    y = m(x)
+    ref = x.float() @ m.merged_weight().t() + m.bias.float()
+    assert rel_err(y, ref) < 1e-2
+    m.cpu()
+    assert m.quant_state.absmax.device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 64])
+def test_gpu_nf4_matmul_matches_bitsandbytes(m):
+    # the same packed bytes through bitsandbytes' matmul_4bit and ours
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
+    from qkern.nf4 import QuantState
+
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed, bnb_state = bnbf.quantize_4bit(
+        w, blocksize=64, quant_type="nf4", compress_statistics=True
+    )
+    tensors = {f"w.{k}": v for k, v in bnb_state.as_dict(packed=True).items()}
+    state = QuantState.from_bnb_dict(tensors, "w")
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    y = nf4_matmul(x, packed, state)
+    with torch.no_grad():
+        y_bnb = bnb.matmul_4bit(x, packed.t(), quant_state=bnb_state)
+    w_deq = bnbf.dequantize_4bit(packed, bnb_state).double()
+    ref64 = x.double() @ w_deq.t()
+    assert_close_rule(y, ref64, y_bnb, atol=_atol(ref64, torch.bfloat16))
