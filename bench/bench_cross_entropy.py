@@ -1,0 +1,203 @@
+"""Cross-entropy benchmarks: the lm_head + loss of a Llama-3 sized vocabulary, forward + backward.
+
+Case: T = 8192 rows, H = 4096, V = 128256, bf16, labels all valid. Every timing is forward +
+backward; the peak column is torch.cuda.max_memory_allocated() above what was allocated before the
+call (inputs excluded, gradients included: d(weight) alone is V H 2 B = 1002 MiB), and
+``peak_minus_grads_MiB`` subtracts the gradients the call must return.
+
+Floors on an H100 (~700 TFLOP/s bf16, ~3000 GB/s copy); the larger of the two is the floor:
+
+* linear + CE, trained head: 3 products of 2 T H V = 8.61 TFLOP each (logits, d hidden,
+  d weight) = 25.8 TFLOP -> 36.9 ms; bytes (read W twice, h, write dW, dh) ~ 3.3 GB -> 1.1 ms.
+* linear + CE, frozen head: 2 products = 17.2 TFLOP -> 24.6 ms.
+* CE on logits: read the bf16 logits once, write the bf16 gradient once: 2 x 2.10 GB = 4.2 GB
+  -> 1.40 ms; the flops (a few per element) are far below the matmul floor.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import Ceilings, Row, bench_ms
+
+T, H, V = 8192, 4096, 128256
+MIB = 2**20
+
+
+def _peak_extra_mib(fn) -> float:
+    """Peak allocation during ``fn`` above the allocation before it, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / MIB
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.detach().double(), b.detach().double()
+    return ((a64 - b64).norm() / b64.norm().clamp_min(1e-300)).item()
+
+
+def _linear_rows(ceilings: Ceilings) -> list[Row]:
+    import qkern
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(V, H, device="cuda", dtype=torch.bfloat16, generator=gen) * H**-0.5
+    y = torch.randint(0, V, (T,), device="cuda", generator=gen)
+    flop_mm = 2 * T * H * V
+
+    providers = {
+        "torch": lambda hh, ww: F.cross_entropy((hh @ ww.t()).float(), y),
+        "qkern": lambda hh, ww: qkern.fused_linear_cross_entropy(hh, ww, y),
+    }
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+
+        def liger_fn(hh, ww):
+            out = liger(ww, hh, y)
+            return out[0] if isinstance(out, tuple) else out
+
+        providers["liger"] = liger_fn
+    except Exception:  # liger-kernel not installed
+        pass
+
+    rows: list[Row] = []
+    for train_w in (True, False):
+        hh = h.clone().requires_grad_(True)
+        ww = w.clone().requires_grad_(train_w)
+        case = f"lin+CE T{T} H{H} V{V} " + ("dW" if train_w else "frozen")
+        grad_mib = (hh.numel() + (ww.numel() if train_w else 0)) * 2 / MIB
+        results = {}
+        for name, fn in providers.items():
+
+            def step(fn=fn, hh=hh, ww=ww):
+                hh.grad = None
+                ww.grad = None
+                loss = fn(hh, ww)
+                loss.backward()
+                return loss
+
+            loss = step()  # warm-up (and autotune) outside the measurement
+            grads = (hh.grad.clone(), ww.grad.clone() if train_w else None)
+            results[name] = (loss.detach().float(), grads)
+            hh.grad = ww.grad = None
+            peak = _peak_extra_mib(step)
+            hh.grad = ww.grad = None
+            ms = bench_ms(step, warmup=1, rep=400)
+            hh.grad = ww.grad = None
+            del step
+            torch.cuda.empty_cache()
+            rows.append(
+                Row(
+                    "cross_entropy",
+                    case,
+                    name,
+                    ms,
+                    flops=(3 if train_w else 2) * flop_mm,
+                    extra={"peak_extra_MiB": peak, "peak_minus_grads_MiB": peak - grad_mib},
+                )
+            )
+        ref_loss, (ref_dh, ref_dw) = results["torch"]
+        case_rows = {r.provider: r for r in rows[-len(providers) :]}
+        for row in case_rows.values():
+            row.extra["vs_torch"] = row.ms / case_rows["torch"].ms
+            if "liger" in case_rows:
+                row.extra["vs_liger"] = row.ms / case_rows["liger"].ms
+            if row.provider != "torch":
+                loss, (dh, dw) = results[row.provider]
+                row.extra["loss_rel_err"] = abs(loss.item() - ref_loss.item()) / ref_loss.item()
+                row.extra["dh_rel_err"] = _rel(dh, ref_dh)
+                if dw is not None:
+                    row.extra["dw_rel_err"] = _rel(dw, ref_dw)
+    return rows
+
+
+def _logits_rows(ceilings: Ceilings) -> list[Row]:
+    import qkern
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    base = torch.randn(T, V, device="cuda", dtype=torch.bfloat16, generator=gen) * 2
+    y = torch.randint(0, V, (T,), device="cuda", generator=gen)
+    floor_bytes = 2 * T * V * 2  # read logits once + write the gradient once (bf16)
+    case = f"CE logits T{T} V{V} bf16"
+
+    providers = {
+        "torch": lambda x: F.cross_entropy(x.float(), y),
+        "qkern": lambda x: qkern.cross_entropy(x, y),
+        "qkern-inplace": lambda x: qkern.cross_entropy(x, y, inplace_backward=True),
+    }
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        liger = LigerCrossEntropyLoss()
+
+        def liger_fn(x):
+            out = liger(x, y)
+            return out[0] if isinstance(out, tuple) else out
+
+        providers["liger"] = liger_fn  # also writes the gradient into its input
+    except Exception:  # liger-kernel not installed
+        pass
+
+    ref_loss = F.cross_entropy(base.float(), y)
+    rows: list[Row] = []
+    for name, fn in providers.items():
+        x = base.clone().requires_grad_(True)
+
+        def step(fn=fn, x=x):
+            x.grad = None
+            loss = fn(x)
+            loss.backward()
+            return loss
+
+        loss = step()
+        err = abs(loss.item() - ref_loss.item()) / ref_loss.item()
+        x.grad = None
+        with torch.no_grad():
+            x.copy_(base)  # in-place providers overwrote it with the gradient
+        peak = _peak_extra_mib(step)
+        x.grad = None
+        ms = bench_ms(step, warmup=5, rep=200)
+        rows.append(
+            Row(
+                "cross_entropy",
+                case,
+                name,
+                ms,
+                bytes=floor_bytes,
+                extra={"peak_extra_MiB": peak, "loss_rel_err": err},
+            )
+        )
+        del x
+        torch.cuda.empty_cache()
+    by_name = {r.provider: r for r in rows}
+    ce = importlib.import_module("qkern.cross_entropy")  # the module, not the lazy export
+    # the configuration the autotuner kept for this vocabulary (one entry per tuning key)
+    tuned = [str(cfg) for key, cfg in ce._ce_kernel_tuned.cache.items() if V in key]
+    by_name["qkern"].extra["tuned"] = " | ".join(tuned)
+    for row in rows:
+        row.extra["vs_torch"] = row.ms / by_name["torch"].ms
+        if "liger" in by_name:
+            row.extra["vs_liger"] = row.ms / by_name["liger"].ms
+    return rows
+
+
+def run(ceilings: Ceilings) -> list[Row]:
+    rows = _logits_rows(ceilings)
+    torch.cuda.empty_cache()
+    rows += _linear_rows(ceilings)
+    return rows
+
+
+if __name__ == "__main__":  # PYTHONPATH=. python3 bench/bench_cross_entropy.py
+    from bench.common import format_table, measure_ceilings
+
+    c = measure_ceilings()
+    print(format_table(run(c), c))
