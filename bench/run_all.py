@@ -24,7 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Row, environment, format_table, measure_ceilings, write_results  # noqa: E402
 
-SUITE = ["nf4", "qlora", "elementwise", "attention", "cross_entropy", "optim8bit", "e2e"]
+SUITE = [
+    "nf4",
+    "qlora",
+    "elementwise",
+    "attention",
+    "cross_entropy",
+    "optim8bit",
+    "generate",
+    "load",
+    "e2e",
+]
 
 
 def main() -> int:
