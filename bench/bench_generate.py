@@ -110,7 +110,7 @@ def _hf_model(model):
 
 def _sync() -> None:
     if DEVICE == "cuda":
-        _sync()
+        torch.cuda.synchronize()
 
 
 def _time_decode(run_generate, batch: int) -> tuple[float, float]:
