@@ -171,15 +171,27 @@ def dequantize_blockwise_ref(
 
 
 @triton.jit
+def _search_step(x, thr_scale, MID, code, HALF: tl.constexpr):
+    """One binary-search step: move up by HALF where x is above threshold code + HALF - 1."""
+    thr = tl.load(MID + code + (HALF - 1)) * thr_scale
+    return tl.where(x > thr, code + HALF, code)
+
+
+@triton.jit
 def _encode(x, absmax, MID):
     """Codes of x [R, C] against per-row scales absmax [R]: the count of the 255 sorted
     thresholds mid[j] * absmax_r below x, by an 8-step binary search (gathers from a 1 KB table
-    that stays in L1)."""
+    that stays in L1). The largest index read is 254."""
+    scale = absmax[:, None]
     code = tl.full(x.shape, 0, tl.int32)
-    for s in tl.static_range(8):
-        half = 128 >> s
-        thr = tl.load(MID + code + (half - 1)) * absmax[:, None]
-        code = tl.where(x > thr, code + half, code)
+    code = _search_step(x, scale, MID, code, 128)
+    code = _search_step(x, scale, MID, code, 64)
+    code = _search_step(x, scale, MID, code, 32)
+    code = _search_step(x, scale, MID, code, 16)
+    code = _search_step(x, scale, MID, code, 8)
+    code = _search_step(x, scale, MID, code, 4)
+    code = _search_step(x, scale, MID, code, 2)
+    code = _search_step(x, scale, MID, code, 1)
     return code
 
 
