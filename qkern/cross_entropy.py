@@ -30,8 +30,8 @@ Design (the arithmetic is in docs/kernels/cross_entropy.md): one Triton kernel d
 log-sum-exp pass over vocab chunks and, when a gradient is needed, a second pass in reverse chunk
 order that writes it (optionally into the logits buffer). For scalar reductions the gradient is
 produced in the forward call and backward only scales it by grad_output, on the device, skipping
-the work when it is 1. The fused linear version walks chunks of rows (1024 at V = 128256 in bf16,
-from a 256 MiB budget): cuBLAS logits into one reused buffer, the CE kernel in place, then cuBLAS
+the work when it is 1. The fused linear version walks chunks of rows (1536 at V = 128256 in bf16,
+from a 384 MiB budget): cuBLAS logits into one reused buffer, the CE kernel in place, then cuBLAS
 d(hidden) and, only for a trainable head, d(weight) -- all in forward, so nothing is recomputed.
 Timings on H100 are in the docs' "Measured" section.
 
@@ -287,14 +287,184 @@ def _tanh(u):
 
 @triton.jit
 def _load_chunk(row_ptr, cols, limit, KEEP_IN_L2: tl.constexpr):
-    """row[cols] for 0 <= cols < limit, else 0. KEEP_IN_L2 marks the lines evict-last: pass 2
-    re-reads them; otherwise evict-first, so streaming data does not push them out."""
-    mask = (cols >= 0) & (cols < limit)
+    """row[cols] for cols < limit, else 0. KEEP_IN_L2 marks the lines evict-last: pass 2 re-reads
+    them; otherwise evict-first, so streaming data does not push them out."""
+    mask = cols < limit
     if KEEP_IN_L2:
         x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last")
     else:
         x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_first")
     return x
+
+
+@triton.jit
+def _transform(x, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap(logit_scale * x) in fp32 (each step only when its flag is set)."""
+    z = x.to(tl.float32)
+    if HAS_SCALE:
+        z = z * logit_scale
+    if HAS_SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    return z
+
+
+@triton.jit
+def _lse_step(z, m, s_vec):
+    """Online log-sum-exp over a chunk: m' = max(m, max z), s_vec <- s_vec e^(m - m') + e^(z - m').
+
+    The sum stays a per-lane vector (one FFMA per element; reduced once per row), so a chunk costs
+    one block-wide reduction (the max). (z - m') is formed before the log2(e) scaling so that
+    |z| ~ 1e4 keeps its full relative accuracy."""
+    m_new = tl.maximum(m, tl.max(z, 0))
+    s_vec = s_vec * tl.exp2((m - m_new) * 1.4426950408889634) + tl.exp2(
+        (z - m_new) * 1.4426950408889634
+    )
+    return m_new, s_vec
+
+
+@triton.jit
+def _ce_row_stats(
+    x_row,
+    label,
+    in_range,
+    V,
+    eps,
+    softcap,
+    z_loss,
+    logit_scale,
+    BLOCK_V: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr,
+    KEEP_IN_L2: tl.constexpr,
+):
+    """Pass 1 over one valid row: returns (loss, m, log s). Full chunks run without masks; the
+    ragged last chunk (V % BLOCK_V) masks its tail to -inf."""
+    cols0 = tl.arange(0, BLOCK_V)
+    n_full = V // BLOCK_V
+    # the target logit by one scalar load (a bad label reads column 0 and gives NaN below)
+    z_y = _transform(
+        tl.load(x_row + tl.where(in_range, label, 0)), logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP
+    )
+    c = 0.0
+    if HAS_SMOOTHING:
+        # sum (z - c) with c = z_0: the shift keeps the fp32 sum exact for |z| ~ 1e4
+        c = _transform(tl.load(x_row), logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+    zs_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
+    s_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
+    m = -float("inf")
+    # software prefetch two chunks deep: chunks i + 1 and i + 2 are in flight while chunk i is
+    # reduced (Triton pipelines only loads that feed tl.dot); a prefetch past the row is fully
+    # masked and moves no bytes
+    x_n1 = _load_chunk(x_row, cols0, V, KEEP_IN_L2)
+    x_n2 = _load_chunk(x_row, BLOCK_V + cols0, V, KEEP_IN_L2)
+    for i in range(0, n_full):
+        x = x_n1
+        x_n1 = x_n2
+        x_n2 = _load_chunk(x_row, (i + 2) * BLOCK_V + cols0, V, KEEP_IN_L2)
+        z = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+        m, s_vec = _lse_step(z, m, s_vec)
+        if HAS_SMOOTHING:
+            zs_vec += z - c
+    if n_full * BLOCK_V < V:
+        mask = n_full * BLOCK_V + cols0 < V
+        z = _transform(x_n1, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+        if HAS_SMOOTHING:
+            zs_vec += tl.where(mask, z - c, 0.0)
+        m, s_vec = _lse_step(tl.where(mask, z, -float("inf")), m, s_vec)
+    log_s = tl.log(tl.sum(s_vec, 0))
+    # lse - (1 - eps) z_y - eps/V sum z + z_loss lse^2, with lse = m + log s kept split
+    loss = log_s + (1.0 - eps) * (m - z_y)
+    if HAS_SMOOTHING:
+        loss = loss + eps * (m - c - tl.sum(zs_vec, 0) / V)
+    if HAS_ZLOSS:
+        loss = loss + z_loss * (m + log_s) * (m + log_s)
+    loss = tl.where(in_range, loss, float("nan"))
+    return loss, m, log_s
+
+
+@triton.jit
+def _ce_row_grad(
+    x_row,
+    g_row,
+    label,
+    in_range,
+    m,
+    log_s,
+    w,
+    V,
+    eps,
+    softcap,
+    z_loss,
+    logit_scale,
+    BLOCK_V: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr,
+):
+    """Pass 2 over one valid row, chunks in reverse order (the chunks read last in pass 1 are the
+    ones most likely still in L2): g = (a softmax(z) - uni - tgt [j = y]) (1 - tanh^2), the tanh
+    factor only with a softcap. The scalars a, uni, tgt fold w, the z-loss factor and logit_scale,
+    so a chunk costs one FADD, one FFMA, one exp2 and one FMUL per element. The label's element
+    is not special-cased inside the loop (a comparison per element); it is written once more
+    after the loop, from its logit loaded before any chunk is overwritten."""
+    cols0 = tl.arange(0, BLOCK_V)
+    last = tl.cdiv(V, BLOCK_V) - 1
+    a = w
+    if HAS_ZLOSS:
+        a = w * (1.0 + 2.0 * z_loss * (m + log_s))
+    tgt = w * (1.0 - eps)
+    uni = w * eps / V
+    if HAS_SCALE:
+        a = a * logit_scale
+        tgt = tgt * logit_scale
+        uni = uni * logit_scale
+    ls2 = log_s * 1.4426950408889634
+    # the label's gradient, from its logit read before the loop (in place, the loop overwrites it)
+    z_y = tl.load(x_row + tl.where(in_range, label, 0)).to(tl.float32)
+    if HAS_SCALE:
+        z_y = z_y * logit_scale
+    if HAS_SOFTCAP:
+        t_y = _tanh(z_y / softcap)
+        z_y = softcap * t_y
+    d_y = a * tl.exp2((z_y - m) * 1.4426950408889634 - ls2) - tgt
+    if HAS_SMOOTHING:
+        d_y = d_y - uni
+    if HAS_SOFTCAP:
+        d_y = d_y * (1.0 - t_y * t_y)
+    # prefetch two chunks deep, backwards; a prefetch before column 0 is fully masked (limit 0)
+    x_n1 = _load_chunk(x_row, last * BLOCK_V + cols0, V, False)
+    x_n2 = _load_chunk(
+        x_row, tl.maximum(last - 1, 0) * BLOCK_V + cols0, tl.where(last >= 1, V, 0), False
+    )
+    for j in range(0, last + 1):
+        start = (last - j) * BLOCK_V
+        x = x_n1
+        x_n1 = x_n2
+        pre = start - 2 * BLOCK_V
+        x_n2 = _load_chunk(x_row, tl.maximum(pre, 0) + cols0, tl.where(pre >= 0, V, 0), False)
+        z = x.to(tl.float32)
+        if HAS_SCALE:
+            z = z * logit_scale
+        if HAS_SOFTCAP:
+            t = _tanh(z / softcap)
+            z = softcap * t
+        d = a * tl.exp2((z - m) * 1.4426950408889634 - ls2)
+        if HAS_SMOOTHING:
+            d = d - uni
+        if HAS_SOFTCAP:
+            d = d * (1.0 - t * t)
+        cols = start + cols0
+        # g_row may alias x_row (in-place gradient): this chunk was read above, the chunks still
+        # to be read lie before it
+        tl.store(
+            g_row + cols, d.to(g_row.dtype.element_ty), mask=cols < V, eviction_policy="evict_first"
+        )
+    # the barrier orders the chunk stores of every thread before this overwrite of one element
+    tl.debug_barrier()
+    tl.store(g_row + tl.where(in_range, label, 0), d_y.to(g_row.dtype.element_ty), mask=in_range)
 
 
 @triton.jit
@@ -319,6 +489,7 @@ def _ce_kernel(
     logit_scale,
     BLOCK_V: tl.constexpr,
     GRID_MULT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr,
@@ -330,26 +501,23 @@ def _ce_kernel(
     """Cross-entropy rows: loss, log-sum-exp statistics and (optionally) d loss / d logits.
 
     Each program walks rows ``pid, pid + nprog, ...`` (GRID_MULT > 0 makes the grid persistent,
-    GRID_MULT programs per SM; 0 launches one program per row). Per row:
+    GRID_MULT programs per SM; 0 launches one program per row). Per valid row:
 
     pass 1 (unless STATS_GIVEN), vocab chunks in order, one read of the row:
-        z = softcap(logit_scale * x);  m' = max(m, max z)
-        s = s exp(m - m') + sum exp(z - m')             (as exp2 of log2(e)-scaled arguments)
-        z_y (by matching the column, so a bad label never reads out of bounds), and for smoothing
+        z = softcap(logit_scale * x);  m' = max(m, max z);  s = s exp(m - m') + sum exp(z - m')
+        z_y by one scalar load (a label outside [0, V) is never dereferenced), and for smoothing
         sum (z - c) with c = z_0 (a shift that keeps the fp32 sum exact for |z| ~ 1e4)
         lse = m + log s;  loss = lse - (1 - eps) z_y - eps/V sum z + z_loss lse^2, evaluated as
         log s + (1 - eps)(m - z_y) + eps (m - c - sum(z - c)/V) + z_loss lse^2
         stats[row] = (m, log s): softmax = exp(z - m - log s) stays accurate where lse is large
-    pass 2 (WRITE_GRAD), chunks in reverse order -- the chunks read last in pass 1 are the ones
-    most likely still in L2 -- writes
+    pass 2 (WRITE_GRAD), chunks in reverse order, writes
         g = w s (1 - tanh^2) ((1 + 2 z_loss lse) softmax(z) - (1 - eps)[j = y] - eps/V)
-    with the row weight w = (1 / normalizer) [* grad_output[row] when ROW_GO], 0 on ignored rows.
+    with the row weight w = (1 / normalizer) [* grad_output[row] when ROW_GO]; a bad label makes
+    it NaN. Rows whose label is ignore_index read nothing: loss 0, stats (0, 0), gradient 0.
     ``g_ptr`` may alias ``x_ptr`` (in-place gradient): each chunk is read before it is written.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    cols0 = tl.arange(0, BLOCK_V)
-    n_chunks = tl.cdiv(V, BLOCK_V)
     if WDEN_PTR:
         w0 = tl.load(wden_ptr).to(tl.float32)
     else:
@@ -358,121 +526,74 @@ def _ce_kernel(
     for it in range(0, tl.cdiv(T - pid, nprog)):
         r = pid64 + it * nprog
         label = tl.load(y_ptr + r).to(tl.int64)
-        valid = label != ignore_index
         in_range = (label >= 0) & (label < V)
         x_row = x_ptr + r * stride_x
-        if STATS_GIVEN:
-            m = tl.load(stats_ptr + 2 * r)
-            log_s = tl.load(stats_ptr + 2 * r + 1)
+        g_row = g_ptr + r * stride_g
+        if label != ignore_index:
+            if STATS_GIVEN:
+                m = tl.load(stats_ptr + 2 * r)
+                log_s = tl.load(stats_ptr + 2 * r + 1)
+            else:
+                loss, m, log_s = _ce_row_stats(
+                    x_row, label, in_range, V, eps, softcap, z_loss, logit_scale, BLOCK_V,
+                    HAS_SCALE, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS, WRITE_GRAD,
+                )  # fmt: skip
+                tl.store(loss_ptr + r, loss)
+                tl.store(stats_ptr + 2 * r, m)
+                tl.store(stats_ptr + 2 * r + 1, log_s)
+            if WRITE_GRAD:
+                w = w0
+                if ROW_GO:
+                    w = w * tl.load(go_ptr + r * stride_go).to(tl.float32)
+                w = tl.where(in_range, w, float("nan"))
+                _ce_row_grad(
+                    x_row, g_row, label, in_range, m, log_s, w, V, eps, softcap, z_loss,
+                    logit_scale,
+                    BLOCK_V, HAS_SCALE, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS,
+                )  # fmt: skip
         else:
-            m = -float("inf")
-            s = 0.0
-            z_y = 0.0
-            z_sum = 0.0
-            if HAS_SMOOTHING:
-                c = tl.load(x_row).to(tl.float32) * logit_scale
-                if HAS_SOFTCAP:
-                    c = softcap * _tanh(c / softcap)
-            # ignored rows skip the read entirely (v_read = 0 masks every load)
-            v_read = tl.where(valid, V, 0)
-            # software prefetch: chunk i + 1 is in flight while chunk i is reduced
-            x_next = _load_chunk(x_row, cols0, v_read, WRITE_GRAD)
-            for i in range(0, tl.where(valid, n_chunks, 0)):
-                x = x_next
-                cols = i * BLOCK_V + cols0
-                mask = cols < V
-                x_next = _load_chunk(x_row, cols + BLOCK_V, v_read, WRITE_GRAD)
-                z = x.to(tl.float32) * logit_scale
-                if HAS_SOFTCAP:
-                    z = softcap * _tanh(z / softcap)
-                z = tl.where(mask, z, -float("inf"))
-                m_new = tl.maximum(m, tl.max(z, 0))
-                s = s * tl.exp2((m - m_new) * 1.4426950408889634) + tl.sum(
-                    tl.exp2((z - m_new) * 1.4426950408889634), 0
-                )
-                m = m_new
-                z_y += tl.sum(tl.where(cols == label, z, 0.0), 0)
-                if HAS_SMOOTHING:
-                    z_sum += tl.sum(tl.where(mask, z - c, 0.0), 0)
-            m = tl.where(valid, m, 0.0)
-            log_s = tl.where(valid, tl.log(tl.where(valid, s, 1.0)), 0.0)
-            loss = log_s + (1.0 - eps) * (m - z_y)
-            if HAS_SMOOTHING:
-                loss = loss + eps * (m - c - z_sum / V)
-            if HAS_ZLOSS:
-                loss = loss + z_loss * (m + log_s) * (m + log_s)
-            loss = tl.where(in_range, loss, float("nan"))
-            loss = tl.where(valid, loss, 0.0)
-            tl.store(loss_ptr + r, loss)
-            tl.store(stats_ptr + 2 * r, m)
-            tl.store(stats_ptr + 2 * r + 1, log_s)
-        if WRITE_GRAD:
-            w = w0
-            if ROW_GO:
-                w = w * tl.load(go_ptr + r * stride_go).to(tl.float32)
-            w = tl.where(valid, w, 0.0)
-            w = tl.where(in_range | (label == ignore_index), w, float("nan"))
-            coef = w
-            if HAS_ZLOSS:
-                coef = w * (1.0 + 2.0 * z_loss * (m + log_s))
-            target = w * (1.0 - eps)
-            uniform = w * eps / V
-            g_row = g_ptr + r * stride_g
-            # ignored rows read nothing (w = 0 and x = 0 make the gradient exactly 0)
-            v_read = tl.where(valid, V, 0)
-            last = (n_chunks - 1) * BLOCK_V
-            x_next = _load_chunk(x_row, last + cols0, v_read, False)
-            for j in range(0, n_chunks):
-                x = x_next
-                cols = last - j * BLOCK_V + cols0
-                mask = cols < V
-                # prefetch the chunk before (reverse order); negative columns are masked off
-                x_next = _load_chunk(x_row, cols - BLOCK_V, v_read, False)
-                z = x.to(tl.float32) * logit_scale
-                if HAS_SOFTCAP:
-                    t = _tanh(z / softcap)
-                    z = softcap * t
-                p = tl.exp2(((z - m) - log_s) * 1.4426950408889634)
-                d = coef * p - tl.where(cols == label, target, 0.0)
-                if HAS_SMOOTHING:
-                    d = d - uniform
-                if HAS_SOFTCAP:
-                    d = d * (1.0 - t * t)
-                d = d * logit_scale
-                tl.store(
-                    g_row + cols,
-                    d.to(g_ptr.dtype.element_ty),
-                    mask=mask,
-                    eviction_policy="evict_first",
-                )
+            if not STATS_GIVEN:
+                tl.store(loss_ptr + r, 0.0)
+                tl.store(stats_ptr + 2 * r, 0.0)
+                tl.store(stats_ptr + 2 * r + 1, 0.0)
+            if WRITE_GRAD:
+                zero = tl.zeros([BLOCK_V], dtype=g_ptr.dtype.element_ty)
+                for j in range(0, tl.cdiv(V, BLOCK_V)):
+                    cols = j * BLOCK_V + tl.arange(0, BLOCK_V)
+                    tl.store(g_row + cols, zero, mask=cols < V)
 
 
 def _ce_configs() -> list:
-    """Hopper candidates. A row of V = 128256 bf16 is 250 KiB. One program per row (GRID_MULT 0)
-    keeps many rows in flight -- most bandwidth, but 4+ rows per SM x 132 SMs x 250 KiB is far
-    over L2 (50 MB), so pass 2 re-reads HBM. A persistent grid of 1-2 programs per SM holds
-    132-264 rows = 33-66 MB, so pass 2 (reverse order) mostly re-reads L2; the prefetch of the
-    next chunk keeps one chunk (16-32 KiB) per program in flight."""
+    """Hopper candidates. A row of V = 128256 bf16 is 250.5 KiB. Pass 2 re-reads it from L2 only if
+    the rows in flight fit there: one program per SM holds 132 rows = 33 MB (H100/H200 L2:
+    50 MB), and the reverse order halves the average reuse distance; two per SM (66 MB) lose part
+    of it, more lose most of it (three HBM passes instead of two). Each program must then keep
+    enough bytes in flight by itself: 16 warps, 8192-column chunks (16 KiB of bf16) prefetched
+    two deep = 32 KiB per SM (~32 GB/s per SM at ~1 us latency, the SM's share of HBM). 16
+    columns per thread and chunk keep it at ~113 registers (32 per thread would spill at 16
+    warps). Persistent (GRID_MULT 1) and one program per row (GRID_MULT 0, which at 16 warps
+    also fits one program per SM) differ only in launch and tail behaviour; the 2-per-SM and
+    4096/8-warp configurations (the best before the rewrite) cover the case where more latency
+    hiding beats L2 reuse."""
     c = triton.Config
     return pick_configs(
         [
             c({"BLOCK_V": 8192, "GRID_MULT": 1}, num_warps=16),
-            c({"BLOCK_V": 4096, "GRID_MULT": 0}, num_warps=8),
             c({"BLOCK_V": 8192, "GRID_MULT": 0}, num_warps=16),
-            c({"BLOCK_V": 8192, "GRID_MULT": 1}, num_warps=8),
-            c({"BLOCK_V": 8192, "GRID_MULT": 2}, num_warps=8),
             c({"BLOCK_V": 4096, "GRID_MULT": 2}, num_warps=8),
-            c({"BLOCK_V": 4096, "GRID_MULT": 4}, num_warps=8),
-            c({"BLOCK_V": 2048, "GRID_MULT": 4}, num_warps=4),
+            c({"BLOCK_V": 4096, "GRID_MULT": 0}, num_warps=8),
+            c({"BLOCK_V": 2048, "GRID_MULT": 0}, num_warps=4),
         ]
     )
 
 
 def _prune_ce_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Drop blocks far wider than the vocab (small V): keep BLOCK_V <= max(2048, next_pow2(V))."""
-    vocab = named_args.get("V", kwargs.get("V"))
-    cap = max(2048, next_power_of_2(int(vocab)))
-    kept = [c for c in configs if c.kwargs["BLOCK_V"] <= cap]
+    """Keep BLOCK_V <= max(2048, next_pow2(V)) (no block far wider than a small vocabulary), and
+    for V >= 16384 drop blocks under 4096 (many chunks per row; only worth it for small V)."""
+    vocab = int(named_args.get("V", kwargs.get("V")))
+    cap = max(2048, next_power_of_2(vocab))
+    floor = 4096 if vocab >= 16384 else 1
+    kept = [c for c in configs if floor <= c.kwargs["BLOCK_V"] <= cap]
     return kept or configs[:1]
 
 
@@ -543,6 +664,7 @@ def _launch_ce(
         float(opts.logit_scale),
     )
     flags = dict(
+        HAS_SCALE=opts.logit_scale != 1.0,
         HAS_SOFTCAP=opts.softcap is not None,
         HAS_SMOOTHING=opts.label_smoothing != 0.0,
         HAS_ZLOSS=opts.z_loss != 0.0,
@@ -676,13 +798,15 @@ def _cross_entropy_triton(
     validate: bool,
 ) -> torch.Tensor:
     rows, vocab = x.shape
-    if validate:
-        _validate_label_range(y, vocab, ignore_index)
     if x.stride(1) != 1:
         x = x.contiguous()  # a copy: the in-place gradient then lands in the copy
     y = y.contiguous()
     opts = _Opts(ignore_index, label_smoothing, softcap, z_loss, logit_scale)
     wden = _row_weight(y, reduction, num_items, ignore_index)
+    if validate:
+        # last before the launch: the host sync inside leaves the GPU idle only for the few
+        # microseconds from here to the kernel launch
+        _validate_label_range(y, vocab, ignore_index)
     return _CrossEntropy.apply(x, y, opts, reduction, wden, inplace)
 
 
@@ -691,10 +815,12 @@ def _cross_entropy_triton(
 # ------------------------------------------------------------------------------------------------
 
 # Bound on the bf16/fp16/fp32 logits chunk. rows = budget / (V * bytes per element): at V = 128256
-# in bf16 that is 256 MiB / 250.5 KiB = 1046 -> 1024 rows (whole 128-row matmul tiles). Together
-# with the per-row loss and (max, log-sum) vectors (12 bytes a row) and d(bias) in fp32 (4 V
-# bytes) the extra memory stays under 512 MiB; d(hidden) and d(weight) are the gradients.
-_FLCE_CHUNK_BYTES = 256 * 2**20
+# in bf16 that is 384 MiB / 250.5 KiB = 1569 -> 1536 rows (whole 128-row matmul tiles; 6 chunks
+# for T = 8192 instead of 8 at 256 MiB: a trained head re-reads and re-writes the 1 GiB dW once
+# per chunk, so 2 chunks fewer save ~4 GiB of traffic). Together with the per-row loss and
+# (max, log-sum) vectors (12 bytes a row) and d(bias) in fp32 (4 V bytes) the extra memory stays
+# under 512 MiB (376 MiB buffer + < 1 MiB); d(hidden) and d(weight) are the gradients.
+_FLCE_CHUNK_BYTES = 384 * 2**20
 
 
 def _flce_chunk_rows(rows: int, vocab: int, elt: int) -> int:
@@ -837,10 +963,10 @@ def _fused_linear_cross_entropy_triton(
             f"hidden {h.dtype}, weight {w.dtype}" + (f", bias {b.dtype}" if b is not None else "")
         )
     vocab = w.shape[0]
-    if validate:
-        _validate_label_range(y, vocab, ignore_index)
     opts = _Opts(ignore_index, label_smoothing, softcap, z_loss, logit_scale)
     wden = _row_weight(y, reduction, num_items, ignore_index)
+    if validate:
+        _validate_label_range(y, vocab, ignore_index)
     return _FusedLinearCrossEntropy.apply(
         h.contiguous(), w, b, y.contiguous(), opts, reduction, wden
     )

@@ -181,9 +181,10 @@ def test_kernel_matches_torch(dtype, rows, vocab, mag, opts, seed):
     check_against_oracle(x, y, go, dtype, **opts)
 
 
-@pytest.mark.parametrize("vocab", [1, 5, 33, 100])
+@pytest.mark.parametrize("vocab", [1, 5, 32, 33, 100])
 def test_kernel_small_blocks_run_the_chunk_loop(monkeypatch, vocab):
-    monkeypatch.setattr(ce, "_INTERPRET_BLOCK_V", 8)  # 100 -> 13 chunks, last one ragged
+    # 100 -> 12 full chunks and a ragged one; 32 -> 4 full chunks, no ragged one; 5 -> only ragged
+    monkeypatch.setattr(ce, "_INTERPRET_BLOCK_V", 8)
     x, y = make_case(3, vocab, 5.0, torch.float32, vocab, ignore_frac=0.0)
     go = torch.tensor(1.0, dtype=torch.float64, device=DEV)
     check_against_oracle(x, y, go, torch.float32, label_smoothing=0.1, softcap=4.0, z_loss=1e-2)
@@ -433,9 +434,9 @@ def test_flce_reference_equals_cross_entropy_on_logits():
 
 
 def test_flce_chunk_rows_follow_the_budget():
-    # 256 MiB of bf16 logits at V = 128256 is 1046 rows, rounded down to whole 128-row tiles
-    assert ce._flce_chunk_rows(8192, 128256, 2) == 1024
-    assert ce._flce_chunk_rows(8192, 256000, 2) == 512
+    # 384 MiB of bf16 logits at V = 128256 is 1569 rows, rounded down to whole 128-row tiles
+    assert ce._flce_chunk_rows(8192, 128256, 2) == 1536
+    assert ce._flce_chunk_rows(8192, 256000, 2) == 768
     assert ce._flce_chunk_rows(100, 128256, 2) == 100
     assert ce._flce_chunk_rows(8192, 10**9, 4) == 1
 
@@ -553,27 +554,61 @@ def test_gpu_bf16_flce_matches_matmul_plus_ce(monkeypatch, train_w):
         assert_close_rule(o, r, t, atol=scale * 2**-7, name=name)
 
 
+FEATURES = dict(label_smoothing=0.1, softcap=20.0, z_loss=1e-4, logit_scale=0.9)
+
+
+def raw_launch(x, y, programs, block, mult, warps, features=True):
+    """_ce_kernel on ``programs`` programs (fewer than rows: the persistent row loop) with row
+    weight 0.5 and, with ``features``, the options in FEATURES (else none), into NaN buffers."""
+    rows, vocab = x.shape
+    f = (
+        FEATURES
+        if features
+        else dict(label_smoothing=0.0, softcap=1.0, z_loss=0.0, logit_scale=1.0)
+    )
+    loss = torch.full((rows,), float("nan"), device=x.device)
+    grad = torch.full_like(x, float("nan"))
+    ce._ce_kernel[(programs,)](
+        x, x.stride(0), y, grad, grad.stride(0), loss, torch.empty(rows, 2, device=x.device),
+        loss, 0.5, loss, 0, rows, vocab, IGNORE, f["label_smoothing"], f["softcap"], f["z_loss"],
+        f["logit_scale"], BLOCK_V=block, GRID_MULT=mult, HAS_SCALE=features,
+        HAS_SOFTCAP=features, HAS_SMOOTHING=features, HAS_ZLOSS=features, STATS_GIVEN=False,
+        WRITE_GRAD=True, WDEN_PTR=False, ROW_GO=False, num_warps=warps,
+    )  # fmt: skip
+    return loss, grad
+
+
+def reference_rows(x, y, features=True):
+    """Row losses and 0.5 * d(sum of rows)/dx in float64 (what raw_launch computes)."""
+    xr = x.double().requires_grad_(True)
+    ref = cross_entropy_ref(xr, y, reduction="none", **(FEATURES if features else {}))
+    ref.sum().mul(0.5).backward()
+    return ref.detach(), xr.grad
+
+
+def test_kernel_persistent_row_loop_matches_reference():
+    """Two programs walk 7 rows (rows pid, pid + 2, ...), as a persistent grid does on the GPU."""
+    x, y = make_case(7, 53, 3.0, torch.float32, 15, ignore_frac=0.3)
+    y[0] = 52  # the label in the ragged last chunk
+    for features in (True, False):
+        loss, grad = raw_launch(x, y, 2, 16, 1, 4, features)
+        ref_loss, ref_grad = reference_rows(x, y, features)
+        assert_close_rule(loss, ref_loss, atol=1e-5, rtol=1e-5, name="loss")
+        assert_close_rule(grad, ref_grad, atol=1e-7, rtol=1e-5, name="grad")
+
+
 @pytest.mark.gpu
-def test_gpu_every_autotune_config_is_correct():
+@pytest.mark.parametrize("features", [True, False])
+def test_gpu_every_autotune_config_is_correct(features):
     x, y = make_case(300, 40000, 3.0, torch.bfloat16, 14, ignore_frac=0.2)
-    opts = ce._Opts(IGNORE, 0.1, 20.0, 1e-4, 1.0)
-    want_loss = torch.empty(300, device=DEV)
-    want_grad = torch.empty_like(x)
-    ce._launch_ce(x, y, opts, want_loss, torch.empty(300, 2, device=DEV), 0.5, grad=want_grad)
-    ref = cross_entropy_ref(x.double(), y, reduction="none", label_smoothing=0.1, softcap=20.0,
-                            z_loss=1e-4)  # fmt: skip
-    torch.testing.assert_close(want_loss.double(), ref, rtol=1e-5, atol=1e-4)
+    y[1] = 39999  # in the ragged last chunk of every block size
+    ref_loss, ref_grad = reference_rows(x, y, features)
+    # bf16 budget: torch's own bf16 rounding of the gradient, plus a little
+    t_grad = ref_grad.to(torch.bfloat16)
     for cfg in ce._ce_configs():
-        loss = torch.full((300,), float("nan"), device=DEV)
-        grad = torch.full_like(x, float("nan"))
         meta = dict(cfg.kwargs)
         mult = meta["GRID_MULT"]
-        grid = (300 if mult == 0 else min(300, mult * qkern._backend.num_sms()),)
-        ce._ce_kernel[grid](
-            x, x.stride(0), y, grad, grad.stride(0), loss, torch.empty(300, 2, device=DEV),
-            loss, 0.5, loss, 0, 300, 40000, IGNORE, 0.1, 20.0, 1e-4, 1.0,
-            HAS_SOFTCAP=True, HAS_SMOOTHING=True, HAS_ZLOSS=True, STATS_GIVEN=False,
-            WRITE_GRAD=True, WDEN_PTR=False, ROW_GO=False, num_warps=cfg.num_warps, **meta,
-        )  # fmt: skip
-        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5, msg=str(cfg))
-        torch.testing.assert_close(grad, want_grad, rtol=0.02, atol=1e-6, msg=str(cfg))
+        programs = 300 if mult == 0 else min(300, mult * qkern._backend.num_sms())
+        loss, grad = raw_launch(x, y, programs, meta["BLOCK_V"], mult, cfg.num_warps, features)
+        assert_close_rule(loss, ref_loss, atol=1e-4, rtol=1e-5, name=f"loss {cfg}")
+        assert_close_rule(grad, ref_grad, t_grad, atol=1e-7, rtol=2.0**-8, name=f"grad {cfg}")
