@@ -9,16 +9,22 @@ Fewest bytes (read once + write once):
   dequant, dq off: n/2 packed + 4 * n/64 absmax + 2n output
   quantize       : 2n input + n/2 packed + n/64 codes + 4 * ceil(n/64/256) nested
 
-Floors on H100 (copy ~3000 GB/s, bf16 matmul ~700 TFLOP/s; the FLOP floor — one multiply per
-element, 0.02-0.5 us — never binds, so the byte floor is the floor):
+Floors (the FLOP floor — one multiply per element, 0.02-0.5 us at ~700 TFLOP/s — never binds,
+so the byte floor is the floor). H100: copy ~3000 GB/s; H200: 4273 GB/s measured (copy, read +
+write) in the run of 2026-11-28:
 
-  case                   bytes            byte floor   FLOP floor
-  4096x4096   dq         42,209,280 B      14.1 us      0.02 us
-  14336x4096  dq        147,732,480 B      49.2 us      0.08 us
-  8192x8192   dq        168,837,120 B      56.3 us      0.10 us
-  128256x4096 dq      1,321,678,080 B     440.6 us      0.75 us
-  4096x4096   no dq      42,991,616 B      14.3 us      0.02 us
-  quantize 4096x4096 dq  42,209,280 B      14.1 us      (plus 3 launches and one host sync)
+  case                   bytes            H100 floor   H200 floor   FLOP floor
+  4096x4096   dq         42,209,280 B      14.1 us       9.9 us      0.02 us
+  14336x4096  dq        147,732,480 B      49.2 us      34.6 us      0.08 us
+  8192x8192   dq        168,837,120 B      56.3 us      39.5 us      0.10 us
+  128256x4096 dq      1,321,678,080 B     440.6 us     309.3 us      0.75 us
+  4096x4096   no dq      42,991,616 B      14.3 us      10.1 us      0.02 us
+  quantize 4096x4096 dq  42,209,280 B      14.1 us       9.9 us      (+ mean, 2 launches, 1 sync)
+
+Host time: the "nf4_host" rows time 2000 back-to-back calls on a 256x256 weight, whose kernels
+take ~2-3 us on the GPU, so the wall time per call is the host's time to issue one call
+(validation + launch); qkern's dequantize_4bit should stay well below the GPU time of a
+4096x4096 dequantization (~11 us), or it would be what the 4096x4096 row measures.
 
 Targets (issue 2): >= 80% of copy bandwidth everywhere (4096x4096 <= ~18 us, >= 1.6x bnb),
 >= 90% at 128256x4096; quantize >= 10x faster than bitsandbytes.
@@ -27,6 +33,7 @@ Targets (issue 2): >= 80% of copy bandwidth everywhere (4096x4096 <= ~18 us, >= 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -42,6 +49,27 @@ def _dequant_bytes(n: int, dq: bool) -> float:
     nb = n // BLOCKSIZE
     scales = nb + 4 * math.ceil(nb / 256) if dq else 4 * nb
     return n / 2 + scales + 2 * n
+
+
+def _wall_per_call_ms(fn, calls: int = 2000) -> float:
+    """Wall time per call of ``calls`` back-to-back calls (host-bound when kernels are tiny)."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / calls * 1e3
+
+
+def _tile(state) -> str:
+    """The dequantize tile configuration the state's cached launch uses (bf16, aligned out)."""
+    entry = state._plan.launches.get((torch.bfloat16, True)) if state._plan else None
+    if entry is None:
+        return "?"
+    meta = entry[1]
+    words = "words" if meta["WORDS"] else "outputs"
+    return f"{meta['ROWS'] * meta['COLS']}/{meta['num_warps']}w/{words}"
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -69,7 +97,7 @@ def run(ceilings: Ceilings | None = None) -> list[Row]:
         case = f"{r}x{c} dq={dq} bf16"
         nbytes = _dequant_bytes(n, dq)
         ms = bench_ms(lambda p=packed, s=state, o=out: qkern.dequantize_4bit(p, s, out=o))
-        extra: dict = {}
+        extra: dict = {"tile": _tile(state)}
         if n <= REF_CHECK_MAX:
             ref = nf4.dequantize_4bit_ref(packed, state)
             extra["rel_err_vs_ref"] = _rel_err(out, ref)
@@ -123,6 +151,29 @@ def run(ceilings: Ceilings | None = None) -> list[Row]:
         extra["codes_differing_vs_bnb"] = int((state.absmax != sb.absmax).sum())
         rows.append(Row("nf4_quantize", "4096x4096 dq=True bf16", "bitsandbytes", ms_b, qbytes))
     rows.append(Row("nf4_quantize", "4096x4096 dq=True bf16", "qkern", ms, qbytes, extra=extra))
+
+    # host time per dequantize call (tiny weight: the GPU waits for the host)
+    w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(w)
+    case = "dequant 256x256 out= (wall/call)"
+    packed, state = qkern.quantize_4bit(w, BLOCKSIZE, "nf4", True)
+    ms = _wall_per_call_ms(lambda: qkern.dequantize_4bit(packed, state, out=out))
+    rows.append(Row("nf4_host", case, "qkern", ms))
+    if F is not None:
+        pb, sb = F.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+        ms_b = _wall_per_call_ms(
+            lambda: F.dequantize_4bit(pb, sb, out=out, blocksize=BLOCKSIZE, quant_type="nf4")
+        )
+        rows.append(Row("nf4_host", case, "bitsandbytes", ms_b))
+    case = "quantize 256x256 dq=True (wall/call)"
+    rows.append(
+        Row(
+            "nf4_host",
+            case,
+            "qkern",
+            _wall_per_call_ms(lambda: qkern.quantize_4bit(w, BLOCKSIZE, "nf4", True), 500),
+        )
+    )
     return rows
 
 

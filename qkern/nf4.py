@@ -26,12 +26,18 @@ What runs where:
   (``rcp.approx.ftz.f32``), as bitsandbytes' fast-math CUDA build does, so that values lying
   within an ulp of a midpoint land where bitsandbytes puts them. Under the interpreter they use the
   IEEE reciprocal, like the reference, and match it bit for bit.
+* Host cost per call is kept small (the QLoRA linear dequantizes every weight twice per step):
+  :func:`dequantize_4bit` validates a state fully once and caches its launch arguments on it,
+  later calls check only the packed tensor and the output with integer and identity compares;
+  tile sizes come from a table (no autotuner dispatch), and repeated launches go straight to the
+  compiled kernel Triton returned the first time (see ``_launch``). Quantization is three GPU
+  operations (two without double quantization) and one host sync.
 
 Limits: input dtypes float32 / float16 / bfloat16, output dtypes the same three; at least one
 element; finite values only (NaN / Inf raise). bitsandbytes' CUDA build flushes float32
 subnormals to zero; this module does not, so blocks whose absmax is below 1.2e-38 can differ (no
 fp16 input and no realistic weight reaches that). The GPU paths use NVIDIA PTX (inline
-``rcp.approx`` / ``mul.rn``) and are written for NVIDIA cards (benchmarks: docs/nf4.md, H100).
+``rcp.approx`` / ``mul.rn``) and are written for NVIDIA cards (benchmarks: docs/nf4.md).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from functools import cache
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver as _driver
 
 from qkern import _backend
 
@@ -169,11 +176,14 @@ def _table_cpu(name: str) -> torch.Tensor:
 
 
 def _table(name: str, device: torch.device | str) -> torch.Tensor:
-    return _table_on_device(name, str(torch.device(device)))
+    """The table ``name`` on ``device``, one cached tensor per device: treat it as read-only."""
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    return _table_on_device(name, device)
 
 
 @cache
-def _table_on_device(name: str, device: str) -> torch.Tensor:
+def _table_on_device(name: str, device: torch.device) -> torch.Tensor:
     return _table_cpu(name).to(device)
 
 
@@ -227,6 +237,11 @@ class QuantState:
     ``code[nibble] * scale[i // blocksize]`` rounded once to the output dtype, where ``scale`` is
     :meth:`dequantized_absmax` — with double quant ``fp32(nested_code[absmax[b]] *
     nested_absmax[b // 256]) + offset``, the product rounded before the add (no FMA).
+
+    ``code`` and ``nested_code`` of a state made by the Triton quantizer are the module's cached
+    per-device tables, shared by every such state: treat them as read-only. To change a state,
+    assign its fields (or use ``dataclasses.replace``); :func:`dequantize_4bit` caches launch
+    arguments on the state and revalidates when a field has been reassigned.
     """
 
     absmax: torch.Tensor
@@ -239,6 +254,15 @@ class QuantState:
     nested_code: torch.Tensor | None = None
     offset: float | None = None
     nested_blocksize: int = field(default=NESTED_BLOCKSIZE)
+
+    # dequantize_4bit's cached launch arguments (a _DequantPlan); a class attribute, not a field:
+    # replace() / to() / equality / repr ignore it, and pickling drops it (__getstate__)
+    _plan = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_plan", None)
+        return state
 
     @property
     def double_quant(self) -> bool:
@@ -300,7 +324,8 @@ class QuantState:
         if packed is not None:
             out[prefix] = packed
         out[f"{prefix}.absmax"] = self.absmax
-        out[f"{prefix}.quant_map"] = self.code
+        # copies of the (possibly shared) tables: safetensors refuses tensors that share memory
+        out[f"{prefix}.quant_map"] = self.code.clone()
         meta: dict = {
             "quant_type": self.quant_type,
             "blocksize": self.blocksize,
@@ -768,11 +793,6 @@ def _fp4_index(x):
     return mag + (x < 0).to(tl.int32) * 8
 
 
-def _quant_rows(args: dict) -> int:
-    # rows (= quantization blocks) per program: ELEMS elements per program, at least one block
-    return max(1, args["ELEMS"] // args["BLOCKSIZE"])
-
-
 @triton.jit
 def _split_pair(w, IN_TY: tl.constexpr, IN16: tl.constexpr):
     """The two inputs packed in one little-endian word, as float32 (first = low half)."""
@@ -787,68 +807,71 @@ def _split_pair(w, IN_TY: tl.constexpr, IN16: tl.constexpr):
     return first, second
 
 
-@triton.autotune(
-    configs=_backend.pick_configs(
-        [
-            triton.Config({"ELEMS": 4096}, num_warps=4),
-            triton.Config({"ELEMS": 8192}, num_warps=8),
-            triton.Config({"ELEMS": 2048}, num_warps=4),
-        ]
-    ),
-    key=["n", "BLOCKSIZE", "NF4", "IN_WORDS"],
-)
-@triton.heuristics({"ROWS": _quant_rows})
 @triton.jit
 def _quantize_4bit_kernel(
     x_ptr,
-    xw_ptr,
     packed_ptr,
     absmax_ptr,
     n,
-    n_bytes,
-    n_blocks,
     BLOCKSIZE: tl.constexpr,
     NF4: tl.constexpr,
     RCP: tl.constexpr,
     IN_WORDS: tl.constexpr,
-    IN16: tl.constexpr,
-    ELEMS: tl.constexpr,
     ROWS: tl.constexpr,
+    FULL: tl.constexpr,
 ):
     """ROWS blocks of BLOCKSIZE elements per program: absmax_b = max|x|, then the index of
     x * (1/absmax_b) for every element, packed two per byte (even element high).
 
     The tile is [ROWS, BLOCKSIZE/2] in byte space, so the pair of inputs that forms one byte sits
-    in one lane. IN_WORDS (even n, aligned input): the pair is one 32-bit word (64-bit for float32)
-    of an integer view of x (``xw_ptr``), loaded as contiguous vectors and split by shifts.
-    Otherwise even and odd elements are two strided loads (same cache lines, so DRAM still reads
-    each byte once). Elements past n read as 0, which is bitsandbytes' padding for an odd n. A
-    block holding NaN/Inf stores absmax = NaN for the host to report.
+    in one lane. IN_WORDS (even n, input aligned to a pair): the pair is one 32-bit word (64-bit
+    for float32) read through x_ptr cast to an integer pointer of twice the width, loaded as
+    contiguous vectors and split by shifts. Otherwise even and odd elements are two strided loads
+    (same cache lines, so DRAM still reads each byte once). Elements past n read as 0, which is
+    bitsandbytes' padding for an odd n. A block holding NaN/Inf stores absmax = NaN for the host
+    to report. FULL (n a multiple of BLOCKSIZE): every block is whole, so one bound per tile row
+    masks everything and the compiler keeps 16-byte vector loads and stores; otherwise the
+    bound is per byte, 2 * byte < n (byte < ceil(n / 2)). No bound forms n + 1 or
+    n + BLOCKSIZE - 1, which can overflow int32.
     """
     HALF: tl.constexpr = BLOCKSIZE // 2
+    IN16: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth == 16
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * ROWS + tl.arange(0, ROWS)  # [ROWS] block ids
     byte = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]  # [ROWS, HALF] packed byte index
+    blk_ok = blk * BLOCKSIZE < n
+    if FULL:
+        byte_ok = blk_ok[:, None]
+    else:
+        byte_ok = 2 * byte < n
     if IN_WORDS:
-        w = tl.load(xw_ptr + byte, mask=byte < n_bytes, other=0)
+        if IN16:
+            xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+        else:
+            xw_ptr = x_ptr.to(tl.pointer_type(tl.int64))
+        w = tl.load(xw_ptr + byte, mask=byte_ok, other=0)
         xe, xo = _split_pair(w, x_ptr.dtype.element_ty, IN16)
     else:
         even = 2 * byte
-        xe = tl.load(x_ptr + even, mask=even < n, other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + even + 1, mask=even + 1 < n, other=0.0).to(tl.float32)
+        if FULL:
+            xe = tl.load(x_ptr + even, mask=byte_ok, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + even + 1, mask=byte_ok, other=0.0).to(tl.float32)
+        else:
+            xe = tl.load(x_ptr + even, mask=even < n, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + even + 1, mask=even + 1 < n, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
     # x * 0 is 0 for finite x and NaN for NaN/Inf
     bad = tl.max(((xe * 0.0 != 0.0) | (xo * 0.0 != 0.0)).to(tl.int32), axis=1)
     # A NaN built from bits (setting the exponent and quiet bit of amax): a NaN-valued global
     # constexpr would never compare equal to itself, which Triton's cache check rejects.
     amax_nan = (amax.to(tl.int32, bitcast=True) | 0x7FC00000).to(tl.float32, bitcast=True)
-    tl.store(absmax_ptr + blk, tl.where(bad > 0, amax_nan, amax), mask=blk < n_blocks)
+    tl.store(absmax_ptr + blk, tl.where(bad > 0, amax_nan, amax), mask=blk_ok)
     inv = _reciprocal(amax, RCP)[:, None]  # all-zero block: inf, then 0 * inf = NaN -> index 0
     if NF4:
         q = _nf4_index(xe * inv) * 16 + _nf4_index(xo * inv)
     else:
         q = _fp4_index(xe * inv) * 16 + _fp4_index(xo * inv)
-    tl.store(packed_ptr + byte, q.to(tl.uint8), mask=byte < n_bytes)
+    tl.store(packed_ptr + byte, q.to(tl.uint8), mask=byte_ok)
 
 
 @triton.jit
@@ -859,7 +882,6 @@ def _quantize_absmax_kernel(
     nested_ptr,
     dmap_ptr,
     n_blocks,
-    n_nested,
     RCP: tl.constexpr,
     ROWS: tl.constexpr,
 ):
@@ -878,7 +900,7 @@ def _quantize_absmax_kernel(
     offset = tl.load(offset_ptr)
     v = tl.where(valid, tl.load(absmax_ptr + idx, mask=valid, other=0.0) - offset, 0.0)
     s = tl.max(tl.abs(v), axis=1)
-    tl.store(nested_ptr + row, s, mask=row < n_nested)
+    tl.store(nested_ptr + row, s, mask=row * 256 < n_blocks)
     x = v * _reciprocal(s, RCP)[:, None]
 
     pivot = tl.full(x.shape, 127, tl.int32)
@@ -903,43 +925,6 @@ def _quantize_absmax_kernel(
     down = tl.where(x < (lower + val) * 0.5, lower_p, pivot)
     code = tl.where(gt, up, down)
     tl.store(codes_ptr + idx, code.to(tl.uint8), mask=valid)
-
-
-def _dequant_tile(args: dict) -> dict:
-    # a [ROWS, COLS] tile of ELEMS outputs; COLS never spans two quantization blocks, so one
-    # absmax per row. LARGE switches index math to int64 near 2^31 elements.
-    cols = min(args["BLOCKSIZE"], args["ELEMS"])
-    return {
-        "COLS": cols,
-        "ROWS": args["ELEMS"] // cols,
-        "LARGE": args["n"] + args["ELEMS"] >= 2**31,
-        "ODD": args["n"] % 2 == 1,
-        "OUT16": args["out_ptr"].element_size() == 2,
-        # the autotuner prunes WORDS configs for misaligned outputs, but not when it has a single
-        # config (the interpreter): decide here as well
-        "USE_WORDS": bool(args.get("WORDS")) and bool(args.get("WORDS_OK", True)),
-    }
-
-
-# Tiles of 2k-8k outputs: 4-16 KiB of bf16 stores and 1-4 KiB of packed reads per program, large
-# enough for 16-byte vector accesses and few programs, small enough for several resident
-# programs per SM to hide DRAM latency. WORDS picks the nibble-expansion scheme (see the kernel
-# docstring); the autotuner measures both.
-_DEQUANT_CONFIGS = [
-    triton.Config({"ELEMS": 4096, "WORDS": True}, num_warps=4),
-    triton.Config({"ELEMS": 8192, "WORDS": True}, num_warps=8),
-    triton.Config({"ELEMS": 8192, "WORDS": True}, num_warps=4),
-    triton.Config({"ELEMS": 2048, "WORDS": True}, num_warps=4),
-    triton.Config({"ELEMS": 4096, "WORDS": False}, num_warps=4),
-    triton.Config({"ELEMS": 8192, "WORDS": False}, num_warps=8),
-]
-
-
-def _prune_dequant(configs: list, named_args: dict, **kwargs) -> list:
-    """Drop the WORDS scheme when the output cannot be viewed as words (misaligned buffer)."""
-    words_ok = kwargs.get("WORDS_OK", named_args.get("WORDS_OK", True))
-    kept = [c for c in configs if words_ok or not c.kwargs["WORDS"]]
-    return kept or [triton.Config({"ELEMS": 4096, "WORDS": False}, num_warps=4)]
 
 
 @triton.jit
@@ -972,16 +957,14 @@ def _pack_pair(first, second, OUT16: tl.constexpr):
 
 
 @triton.jit
-def _dequantize_4bit_body(
+def _dequantize_4bit_kernel(
     packed_ptr,
     absmax_ptr,
     nested_ptr,
     ncode_ptr,
     code_ptr,
     out_ptr,
-    words_ptr,
     n,
-    n_words,
     offset,
     BLOCKSIZE: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
@@ -991,25 +974,30 @@ def _dequantize_4bit_body(
     COLS: tl.constexpr,
     LARGE: tl.constexpr,
     ODD: tl.constexpr,
-    OUT16: tl.constexpr,
+    FULL: tl.constexpr,
 ):
-    """out[i] = dtype(code[nibble_i] * absmax[i // BLOCKSIZE]) for ROWS * COLS outputs.
+    """out[i] = dtype(code[nibble_i] * absmax[i // BLOCKSIZE]) for a [ROWS, COLS] tile.
 
-    The block scale is computed once per tile row (_block_absmax), not per element.
+    COLS = min(BLOCKSIZE, tile) never spans two quantization blocks, so the block scale is
+    computed once per tile row (_block_absmax), not per element. LARGE switches the index math
+    to int64 near 2^31 elements; ODD marks an odd element count. FULL (n a multiple of COLS):
+    each tile row is wholly inside or outside the tensor, so one bound per row masks it and the
+    packed bytes load as 16-byte vectors; otherwise the bound is per element.
 
     Nibble expansion, two schemes (both written so every global access is a plain contiguous or
     gathered load/store, no cross-lane interleave):
     * WORDS=True (byte space): byte j holds outputs 2j (high nibble) and 2j+1 (low nibble). The
       tile loads ROWS x COLS/2 contiguous bytes (vector loads), dequantizes both nibbles, packs the
       two rounded outputs into one 32-bit word (64-bit for float32 output), and stores the words
-      contiguously through an integer view of ``out`` (``words_ptr``): 16-byte vector stores and
-      one byte load per two outputs. An odd n leaves the last output (high nibble of the last
-      byte), written by program 0 on its own.
+      contiguously through ``out_ptr`` cast to an integer pointer of twice the width: 16-byte
+      vector stores and one byte load per two outputs. Needs ``out`` aligned to a word. An odd n
+      leaves the last output (high nibble of the last byte), written by program 0 on its own.
     * WORDS=False (output space): output i reads byte i // 2 and shifts by 4 * (1 - i % 2). The
       stores are contiguous 16-byte vectors; the byte loads are one narrow load per output (the
       second of each pair hits L1). Used when ``out`` is not aligned for the word view.
     The 16-entry code table is gathered from global memory; 64 B, always an L1 hit.
     """
+    OUT16: tl.constexpr = out_ptr.dtype.element_ty.primitive_bitwidth == 16
     pid = tl.program_id(0)
     if LARGE:
         pid = pid.to(tl.int64)
@@ -1028,9 +1016,16 @@ def _dequantize_4bit_body(
     )[:, None]
     out_ty = out_ptr.dtype.element_ty
     if WORDS:
+        if OUT16:
+            words_ptr = out_ptr.to(tl.pointer_type(tl.int32))
+        else:
+            words_ptr = out_ptr.to(tl.pointer_type(tl.int64))
         HALF: tl.constexpr = COLS // 2
         j = pid * (ROWS * HALF) + rows[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte/word
-        ok = j < n_words
+        if FULL:
+            ok = row_ok[:, None]
+        else:
+            ok = j < n // 2
         b = tl.load(packed_ptr + j, mask=ok, other=0).to(tl.int32)
         first = (tl.load(code_ptr + (b >> 4)) * absmax).to(out_ty)
         second = (tl.load(code_ptr + (b & 15)) * absmax).to(out_ty)
@@ -1052,160 +1047,299 @@ def _dequantize_4bit_body(
             tl.store(out_ptr + last, v_last, mask=pid == 0)
     else:
         i = row_start[:, None] + tl.arange(0, COLS)[None, :]  # [ROWS, COLS] output index
-        ok = i < n
+        if FULL:
+            ok = row_ok[:, None]
+        else:
+            ok = i < n
         b = tl.load(packed_ptr + (i >> 1), mask=ok, other=0).to(tl.int32)
         shift = (4 - (i & 1) * 4).to(tl.int32)
         v = tl.load(code_ptr + ((b >> shift) & 15)) * absmax
         tl.store(out_ptr + i, v.to(out_ty), mask=ok)
 
 
-@triton.autotune(
-    configs=_backend.pick_configs(_DEQUANT_CONFIGS),
-    key=["n", "BLOCKSIZE", "DOUBLE_QUANT", "WORDS_OK"],
-    prune_configs_by={"early_config_prune": _prune_dequant},
-)
-@triton.heuristics(
-    {
-        key: (lambda args, key=key: _dequant_tile(args)[key])
-        for key in ("COLS", "ROWS", "LARGE", "ODD", "OUT16", "USE_WORDS")
-    }
-)
-@triton.jit
-def _dequantize_4bit_kernel(
-    packed_ptr,
-    absmax_ptr,
-    nested_ptr,
-    ncode_ptr,
-    code_ptr,
-    out_ptr,
-    words_ptr,
-    n,
-    n_words,
-    offset,
-    BLOCKSIZE: tl.constexpr,
-    DOUBLE_QUANT: tl.constexpr,
-    EXACT_MUL: tl.constexpr,
-    WORDS_OK: tl.constexpr,
-    ELEMS: tl.constexpr,
-    WORDS: tl.constexpr,
-    ROWS: tl.constexpr,
-    COLS: tl.constexpr,
-    LARGE: tl.constexpr,
-    ODD: tl.constexpr,
-    OUT16: tl.constexpr,
-    USE_WORDS: tl.constexpr,
-):
-    """Autotuned entry point; see _dequantize_4bit_body."""
-    _dequantize_4bit_body(
-        packed_ptr,
-        absmax_ptr,
-        nested_ptr,
-        ncode_ptr,
-        code_ptr,
-        out_ptr,
-        words_ptr,
-        n,
-        n_words,
-        offset,
-        BLOCKSIZE,
-        DOUBLE_QUANT,
-        EXACT_MUL,
-        USE_WORDS,
-        ROWS,
-        COLS,
-        LARGE,
-        ODD,
-        OUT16,
-    )
-
-
 # ---- host launchers -------------------------------------------------------------------------
+#
+# Host time per call is part of the cost: the QLoRA linear dequantizes each weight once per
+# forward and once per backward, and a 4096x4096 dequantization runs ~10 us on the GPU. So:
+# compile-time arguments come from a small table (no autotuner or heuristics wrappers: each adds
+# a dispatch layer that rebuilds argument dicts on every call); dequantize_4bit validates a state
+# once and caches its launch arguments on it; the hot paths call no torch op except the
+# allocations they return; and repeated launches skip Triton's per-call dispatch (_launch).
+
+# The interpreter is chosen before triton is imported (the kernels above are interpreter or JIT
+# functions since then), so reading the switch once is exact.
+_INTERPRET = _backend.interpreter_enabled()
+_ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+# Direct launches (see _launch); switched off for the process if one ever fails.
+_DIRECT = {"on": not _INTERPRET}
 
 
-def _gpu_rcp_mode() -> int:
-    return RCP_IEEE if _backend.interpreter_enabled() else GPU_RCP_MODE
+def _launch(kernel, grid: tuple, args: tuple, meta: dict, compiled: dict, key: tuple) -> None:
+    """``kernel[grid](*args, **meta)``, through the compiled kernel an earlier call returned.
 
-
-def _quantize_4bit_triton(
-    w: torch.Tensor,
-    blocksize: int,
-    quant_type: str,
-    compress_statistics: bool,
-    rcp_mode: int | None = None,
-) -> tuple[torch.Tensor, QuantState]:
-    """Two launches (three with double quant: + torch's mean) and one host sync at the end.
-
-    Memory: reads n * itemsize, writes n/2 packed bytes + 4 B per block (+ 1 B per block and
-    4 B per 256 blocks for double quant); the absmax re-read by the mean and the nested kernel is
-    1/16 of the packed size at blocksize 64.
+    Triton's JITFunction.run re-derives on every call what cannot change between our calls: it
+    specializes each argument (dtype and 16-byte alignment of every pointer, width and
+    divisibility by 16 of every int), formats a cache key and looks the compiled kernel up —
+    about 5 us of Python per launch. That call returns the compiled kernel; ``compiled`` (owned
+    by the caller: a state's plan entry, or a module dict) keeps it under (current device,
+    ``key``), where ``key`` must capture every such specialization that can differ between calls
+    sharing this ``compiled`` and ``meta``. A hit launches it as JITFunction.run does: the grid
+    (three dimensions), the current stream, and every parameter in signature order, compile-time
+    ones included (the same call in Triton 3.6 and 3.9). Launch hooks still run. On any error
+    the JIT launch runs instead and direct launches stop; the kernels here are idempotent, so a
+    repeated launch is harmless.
     """
-    rcp = _gpu_rcp_mode() if rcp_mode is None else rcp_mode
-    x = w.detach().contiguous().view(-1)
-    n = x.numel()
-    n_blocks = -(-n // blocksize)
-    dev = x.device
-    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev)
-    absmax = torch.empty(n_blocks, dtype=torch.float32, device=dev)
+    dev = None
+    if _DIRECT["on"]:
+        dev = _driver.active.get_current_device()
+        hit = compiled.get((dev, key))
+        if hit is not None:
+            try:
+                hit[0][grid](*args, *hit[1], stream=_driver.active.get_current_stream(dev))
+                return
+            except Exception:
+                _DIRECT["on"] = False
+    ck = kernel[grid](*args, **meta)
+    # keep it only when it is a compiled kernel and the JIT function has no pre-run hooks
+    # (which a direct launch would skip)
+    if (
+        _DIRECT["on"]
+        and hasattr(ck, "packed_metadata")
+        and getattr(kernel, "pre_run_hooks", 1) == []
+    ):
+        names = kernel.arg_names[len(args) :]
+        if all(name in meta for name in names):
+            compiled[(dev, key)] = (ck, tuple(meta[name] for name in names))
 
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(n_blocks, meta["ROWS"]),)
 
-    # the word view of the input: each pair of inputs (one packed byte) as one int32 / int64
-    word_bytes = 2 * x.element_size()
-    in_words = n % 2 == 0 and x.data_ptr() % word_bytes == 0
-    xw = x.view(torch.int32 if word_bytes == 4 else torch.int64) if in_words else x
-    _quantize_4bit_kernel[grid](
-        x,
-        xw,
-        packed,
-        absmax,
-        n,
-        (n + 1) // 2,
-        n_blocks,
-        BLOCKSIZE=blocksize,
-        NF4=quant_type == "nf4",
-        RCP=rcp,
-        IN_WORDS=in_words,
-        IN16=word_bytes == 4,
+def _spec_key(args: tuple) -> tuple:
+    """What Triton specializes on for these runtime arguments (see _launch)."""
+    return tuple(
+        (a.dtype, a.data_ptr() % 16 == 0)
+        if isinstance(a, torch.Tensor)
+        else (type(a), a % 16 == 0, a == 1, -(2**31) <= a < 2**31)
+        if isinstance(a, int)
+        else type(a)
+        for a in args
     )
-    state = QuantState(
-        absmax=absmax,
-        shape=torch.Size(w.shape),
-        dtype=w.dtype,
-        blocksize=blocksize,
-        quant_type=quant_type,
-        code=_table(quant_type, dev).clone(),
+
+
+_QUANT_COMPILED: dict = {}
+
+# Quantize tile: 4096 inputs per program (ROWS = 4096 / blocksize blocks, at least one block) and
+# 4 warps, i.e. 32 inputs per thread: one 64-byte (bf16) or two (float32) contiguous loads and
+# 16 packed bytes stored. 4096x4096 makes 4096 programs, ~31 per SM of an H100/H200: enough
+# resident work to keep ~40 KB of loads in flight per SM. (The former autotuner's first choice.)
+_QUANT_ELEMS = 4096
+
+# Dequantize tiles: ELEMS outputs per program, nibble scheme, warps. The hot path picks from a
+# table (_dequant_config): below 2^20 outputs ELEMS=2048 (at least 512 programs, so small
+# weights still spread over every SM); up to 2^26, ELEMS=4096 with 4 warps (32 outputs per
+# thread: one 16-byte packed load, four 16-byte bf16 word stores; 4096x4096 = 4096 programs,
+# ~2 waves of 16 resident programs per SM); a misaligned output takes the output-space scheme.
+# From 2^26 outputs on (>= 128 MiB of bf16, >= 30 us per call) the first four are timed once per
+# (n, blocksize, double quant, dtype) and the fastest kept, as an autotuner would, but outside
+# the per-call path: the choice is cached with the state's launch arguments.
+_DEQUANT_CONFIGS = (
+    {"ELEMS": 4096, "WORDS": True, "num_warps": 4},
+    {"ELEMS": 8192, "WORDS": True, "num_warps": 8},
+    {"ELEMS": 8192, "WORDS": True, "num_warps": 4},
+    {"ELEMS": 2048, "WORDS": True, "num_warps": 4},
+    {"ELEMS": 4096, "WORDS": False, "num_warps": 4},
+    {"ELEMS": 8192, "WORDS": False, "num_warps": 8},
+)
+_TUNE_MIN_N = 1 << 26
+_TUNED: dict[tuple, dict] = {}
+
+
+class _DequantPlan:
+    """A validated QuantState's launch arguments, cached on the state as ``state._plan``.
+
+    dequantize_4bit builds it after the full check of a state (``_check_state``) and reuses it
+    while every field of the state is the very object it was built from (ten identity
+    compares), so assigning any field (``state.absmax = ...``, ``state.offset = ...``) makes the
+    next call validate again. Per call only what can differ between calls is checked: the packed
+    tensor (dtype, byte count, device) and the output (dtype, shape, device, contiguity). State
+    tensors must not be resized in place (no code here does).
+    ``launches`` maps (output dtype, output word-aligned) to (grid, compile-time arguments,
+    compiled kernels: see _launch).
+    """
+
+    __slots__ = (
+        "absmax",
+        "shape",
+        "dtype",
+        "blocksize",
+        "quant_type",
+        "code",
+        "nested_absmax",
+        "nested_code",
+        "offset",
+        "nested_blocksize",
+        "dq",
+        "nested",
+        "ncode",
+        "offset_arg",
+        "device",
+        "is_cuda",
+        "n",
+        "n_bytes",
+        "launches",
     )
-    if not compress_statistics:
-        if not bool(torch.isfinite(absmax).all()):
-            raise _nonfinite_error()
-        return packed, state
-    offset = absmax.mean()  # torch's float32 mean, as bitsandbytes computes it
-    n_nested = -(-n_blocks // NESTED_BLOCKSIZE)
-    codes = torch.empty(n_blocks, dtype=torch.uint8, device=dev)
-    nested = torch.empty(n_nested, dtype=torch.float32, device=dev)
-    rows = 4  # 1024 scales per program; the whole vector is 1/16 of the packed bytes
-    _quantize_absmax_kernel[(triton.cdiv(n_nested, rows),)](
-        absmax,
-        offset,
-        codes,
-        nested,
-        _table("dynamic", dev),
-        n_blocks,
-        n_nested,
-        RCP=rcp,
-        ROWS=rows,
+
+    def __init__(self, state: QuantState) -> None:
+        self.absmax = state.absmax
+        self.shape = state.shape
+        self.dtype = state.dtype
+        self.blocksize = state.blocksize
+        self.quant_type = state.quant_type
+        self.code = state.code
+        self.nested_absmax = state.nested_absmax
+        self.nested_code = state.nested_code
+        self.offset = state.offset
+        self.nested_blocksize = state.nested_blocksize
+        self.dq = state.double_quant
+        # without double quant the nested pointers are never read: pass the absmax/code again
+        self.nested = state.nested_absmax if self.dq else state.absmax
+        self.ncode = state.nested_code if self.dq else state.code
+        self.offset_arg = float(state.offset) if self.dq else 0.0
+        self.device = state.absmax.device
+        self.is_cuda = self.device.type == "cuda"
+        self.n = state.numel()
+        self.n_bytes = (self.n + 1) // 2
+        self.launches: dict[tuple, tuple] = {}
+
+    def matches(self, s: QuantState) -> bool:
+        return (
+            self.absmax is s.absmax
+            and self.nested_absmax is s.nested_absmax
+            and self.offset is s.offset
+            and self.code is s.code
+            and self.nested_code is s.nested_code
+            and self.shape is s.shape
+            and self.dtype is s.dtype
+            and self.blocksize is s.blocksize
+            and self.quant_type is s.quant_type
+            and self.nested_blocksize is s.nested_blocksize
+        )
+
+
+def _plan_for(packed: torch.Tensor, state: QuantState) -> _DequantPlan:
+    """The state's cached plan after the per-call checks of ``packed``; builds it on first use.
+
+    The lean checks are a subset of ``_check_state``: when one fails, the full check runs and
+    raises the detailed error.
+    """
+    plan = state._plan if isinstance(state, QuantState) else None
+    if plan is None or not plan.matches(state):
+        _check_state(packed, state)
+        plan = _DequantPlan(state)
+        state._plan = plan
+    elif not (
+        isinstance(packed, torch.Tensor)
+        and packed.dtype is torch.uint8
+        and packed.numel() == plan.n_bytes
+        and packed.device == plan.device
+    ):
+        _check_state(packed, state)
+        raise ValueError("packed does not match the quant state")  # not reached
+    return plan
+
+
+def _dequant_meta(plan: _DequantPlan, cfg: dict, words_ok: bool) -> tuple[tuple, dict, dict]:
+    """Grid, compile-time arguments and (empty) compiled-kernel cache of one tile configuration."""
+    elems = cfg["ELEMS"]
+    cols = min(plan.blocksize, elems)
+    meta = {
+        "BLOCKSIZE": plan.blocksize,
+        "DOUBLE_QUANT": plan.dq,
+        "EXACT_MUL": not _INTERPRET,
+        "WORDS": bool(cfg["WORDS"] and words_ok),
+        "ROWS": elems // cols,
+        "COLS": cols,
+        "LARGE": plan.n + elems >= 2**31,
+        "ODD": plan.n % 2 == 1,
+        "FULL": plan.n % cols == 0,
+        "num_warps": cfg.get("num_warps", 4),
+    }
+    return (triton.cdiv(plan.n, elems), 1, 1), meta, {}
+
+
+def _launch_dequant(plan: _DequantPlan, packed: torch.Tensor, out: torch.Tensor, entry) -> None:
+    # per call only the packed and output pointers differ (the state's tensors, n and the output
+    # dtype are fixed for a plan entry), so their alignment is the whole specialization key
+    _launch(
+        _dequantize_4bit_kernel,
+        entry[0],
+        (packed, plan.absmax, plan.nested, plan.ncode, plan.code, out, plan.n, plan.offset_arg),
+        entry[1],
+        entry[2],
+        (packed.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0),
     )
-    offset_value = offset.item()  # the one host sync, after all launches
-    if not math.isfinite(offset_value):
-        if not bool(torch.isfinite(absmax).all()):
-            raise _nonfinite_error()
-        raise ValueError("mean of the block absmax overflows float32; w is too large to quantize")
-    state.absmax = codes
-    state.nested_absmax = nested
-    state.nested_code = _table("dynamic", dev).clone()
-    state.offset = offset_value
-    return packed, state
+
+
+def _dequant_config(
+    plan: _DequantPlan, out: torch.Tensor, words_ok: bool, packed: torch.Tensor
+) -> dict:
+    """The tile configuration for this plan and output (see _DEQUANT_CONFIGS)."""
+    if not words_ok:
+        return _DEQUANT_CONFIGS[4]
+    if plan.n < 1 << 20:
+        return _DEQUANT_CONFIGS[3]
+    if plan.n < _TUNE_MIN_N or _INTERPRET or not plan.is_cuda:
+        return _DEQUANT_CONFIGS[0]
+    key = (plan.n, plan.blocksize, plan.dq, out.dtype)
+    best = _TUNED.get(key)
+    if best is None:
+        from triton.testing import do_bench
+
+        def timed(cfg: dict) -> float:
+            entry = _dequant_meta(plan, cfg, True)
+            return do_bench(lambda: _launch_dequant(plan, packed, out, entry), warmup=5, rep=25)
+
+        best = _TUNED[key] = min(_DEQUANT_CONFIGS[:4], key=timed)
+    return best
+
+
+def _dequantize_launch(
+    plan: _DequantPlan,
+    packed: torch.Tensor,
+    state: QuantState,
+    out: torch.Tensor | None,
+    dtype: torch.dtype | None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """One launch. ``config`` (tests) forces a tile configuration instead of the table."""
+    if not packed.is_contiguous():
+        packed = packed.contiguous()
+    if out is None:
+        out_dtype = plan.dtype if dtype is None else dtype
+        if out_dtype not in _backend.FLOAT_DTYPES:
+            _check_out(None, dtype, state, packed)
+            raise TypeError(f"unsupported output dtype {out_dtype}")  # not reached
+        out = torch.empty(plan.shape, dtype=out_dtype, device=plan.device)
+    elif not (
+        isinstance(out, torch.Tensor)
+        and (dtype is None or dtype is out.dtype)
+        and out.dtype in _backend.FLOAT_DTYPES
+        and out.shape == plan.shape
+        and out.device == plan.device
+        and out.is_contiguous()
+    ):
+        _check_out(out, dtype, state, packed)
+        raise ValueError("out does not match the quant state")  # not reached
+    # word view: two outputs per int32 (16-bit dtypes) or int64 (float32), needs an aligned out
+    words_ok = plan.n >= 2 and out.data_ptr() % (2 * _ITEMSIZE[out.dtype]) == 0
+    if config is not None:
+        _launch_dequant(plan, packed, out, _dequant_meta(plan, config, words_ok))
+        return out
+    entry = plan.launches.get((out.dtype, words_ok))
+    if entry is None:
+        cfg = _dequant_config(plan, out, words_ok, packed)
+        entry = plan.launches[(out.dtype, words_ok)] = _dequant_meta(plan, cfg, words_ok)
+    _launch_dequant(plan, packed, out, entry)
+    return out
 
 
 def _dequantize_4bit_triton(
@@ -1215,52 +1349,82 @@ def _dequantize_4bit_triton(
     dtype: torch.dtype | None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """One launch. ``config`` (tests) skips autotuning: explicit ELEMS / WORDS / num_warps."""
-    dtype = _check_out(out, dtype, state, packed)
-    if out is None:
-        out = torch.empty(state.shape, dtype=dtype, device=packed.device)
-    n = state.numel()
-    packed = packed.reshape(-1)
-    if not packed.is_contiguous():
-        packed = packed.contiguous()
-    dq = state.double_quant
-    nested = state.nested_absmax if dq else state.absmax
-    ncode = state.nested_code if dq else state.code
-    offset = float(state.offset) if dq else 0.0
-    # the word view of the output: two outputs per int32 (16-bit dtypes) or int64 (float32)
-    flat = out.view(-1)
-    word_bytes = 2 * flat.element_size()
-    words_ok = n >= 2 and flat.data_ptr() % word_bytes == 0
-    word_dtype = torch.int32 if word_bytes == 4 else torch.int64
-    words = flat[: n - n % 2].view(word_dtype) if words_ok else flat
-    args = (packed, state.absmax, nested, ncode, state.code, out, words, n, n // 2, offset)
-    exact_mul = not _backend.interpreter_enabled()
-    if config is None:
+    """The Triton dequantization without backend dispatch (tests: ``config`` forces a tile)."""
+    return _dequantize_launch(_plan_for(packed, state), packed, state, out, dtype, config)
 
-        def grid(meta: dict) -> tuple[int]:
-            return (triton.cdiv(n, meta["ELEMS"]),)
 
-        _dequantize_4bit_kernel[grid](
-            *args,
-            BLOCKSIZE=state.blocksize,
-            DOUBLE_QUANT=dq,
-            EXACT_MUL=exact_mul,
-            WORDS_OK=words_ok,
-        )
+def _quantize_4bit_triton(
+    w: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    compress_statistics: bool,
+    rcp_mode: int | None = None,
+) -> tuple[torch.Tensor, QuantState]:
+    """Two Triton launches and torch's mean (one launch and torch's max without double quant),
+    then one host sync that reads a single float: the offset, or the largest absmax, which is
+    NaN exactly when a block held NaN/Inf (the first kernel stores NaN for such a block).
+
+    Memory: reads n * itemsize, writes n/2 packed bytes + 4 B per block (+ 1 B per block and
+    4 B per 256 blocks for double quant); the absmax re-read by the mean and the nested kernel is
+    1/16 of the packed size at blocksize 64. The code tables in the state are the per-device
+    cached ones (no copy per call).
+    """
+    rcp = (RCP_IEEE if _INTERPRET else GPU_RCP_MODE) if rcp_mode is None else rcp_mode
+    x = w if w.is_contiguous() else w.detach().contiguous()
+    n = x.numel()
+    n_blocks = -(-n // blocksize)
+    dev = x.device
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=dev)
+    rows = max(1, _QUANT_ELEMS // blocksize)
+    meta = {
+        "BLOCKSIZE": blocksize,
+        "NF4": quant_type == "nf4",
+        "RCP": rcp,
+        # read pairs of inputs as one word: even n and an input aligned to a pair
+        "IN_WORDS": n % 2 == 0 and x.data_ptr() % (2 * x.element_size()) == 0,
+        "ROWS": rows,
+        "FULL": n % blocksize == 0,
+        "num_warps": 4,
+    }
+    args = (x, packed, absmax, n)
+    key = ("quantize", _spec_key(args), *meta.values())
+    _launch(
+        _quantize_4bit_kernel, (triton.cdiv(n_blocks, rows), 1, 1), args, meta, _QUANT_COMPILED, key
+    )
+    state = QuantState(
+        absmax=absmax,
+        shape=w.shape,
+        dtype=w.dtype,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        code=_table(quant_type, dev),
+    )
+    if compress_statistics:
+        offset = absmax.mean()  # torch's float32 mean, as bitsandbytes computes it
+        codes = torch.empty(n_blocks, dtype=torch.uint8, device=dev)
+        nested = torch.empty(-(-n_blocks // NESTED_BLOCKSIZE), dtype=torch.float32, device=dev)
+        dmap = _table("dynamic", dev)
+        rows = 4  # 1024 scales per program; the whole vector is 1/16 of the packed bytes
+        grid = (triton.cdiv(n_blocks, rows * NESTED_BLOCKSIZE), 1, 1)
+        args = (absmax, offset, codes, nested, dmap, n_blocks)
+        meta = {"RCP": rcp, "ROWS": rows}
+        key = ("absmax", _spec_key(args), rcp)
+        _launch(_quantize_absmax_kernel, grid, args, meta, _QUANT_COMPILED, key)
+        check = offset
     else:
-        meta = {"n": n, "BLOCKSIZE": state.blocksize, "ELEMS": config["ELEMS"], "out_ptr": out}
-        meta.update(WORDS=config["WORDS"], WORDS_OK=words_ok)
-        tile = _dequant_tile(meta)
-        _dequantize_4bit_body[(triton.cdiv(n, config["ELEMS"]),)](
-            *args,
-            BLOCKSIZE=state.blocksize,
-            DOUBLE_QUANT=dq,
-            EXACT_MUL=exact_mul,
-            WORDS=tile.pop("USE_WORDS"),
-            num_warps=config.get("num_warps", 4),
-            **tile,
-        )
-    return out
+        check = absmax.max()  # NaN exactly when a block held NaN/Inf
+    value = check.item()  # the one host sync, after all launches
+    if not math.isfinite(value):
+        if not compress_statistics or not bool(torch.isfinite(absmax).all()):
+            raise _nonfinite_error()
+        raise ValueError("mean of the block absmax overflows float32; w is too large to quantize")
+    if compress_statistics:
+        state.absmax = codes
+        state.nested_absmax = nested
+        state.nested_code = dmap
+        state.offset = value
+    return packed, state
 
 
 # --------------------------------------------------------------------------------------------
@@ -1292,10 +1456,12 @@ def dequantize_4bit(
     """Dequantize to ``dtype`` (default ``state.dtype``) with ``state.shape``.
 
     ``out``, if given, is a contiguous buffer of ``state.shape`` that receives the result (its
-    dtype is the output dtype). One Triton launch on CUDA, double quantization included.
+    dtype is the output dtype). One Triton launch on CUDA, double quantization included. The
+    state is fully validated on its first use and when any of its fields has been reassigned
+    since; later calls check only ``packed`` and ``out`` (see ``_DequantPlan``).
     """
-    _check_state(packed, state)
-    _check_out(out, dtype, state, packed)
-    if _backend.use_triton(packed, state.absmax):
-        return _dequantize_4bit_triton(packed, state, out, dtype)
+    plan = _plan_for(packed, state)
+    mode = _backend.get_backend()
+    if (mode == "auto" and plan.is_cuda) or (mode == "triton" and _backend.use_triton(packed)):
+        return _dequantize_launch(plan, packed, state, out, dtype)
     return dequantize_4bit_ref(packed, state, out, dtype)

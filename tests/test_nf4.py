@@ -199,10 +199,10 @@ def test_triton_matches_reference_bit_for_bit(
 
 
 @pytest.mark.parametrize(
-    "cfg", nf4._DEQUANT_CONFIGS, ids=lambda c: str(c.kwargs) + str(c.num_warps)
+    "cfg", nf4._DEQUANT_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items())
 )
 def test_every_dequant_config_matches_reference(cfg):
-    """Both nibble-expansion schemes and every tile the autotuner may pick, ragged tails too."""
+    """Both nibble-expansion schemes and every tile configuration, ragged tails too."""
     cases = (
         ((3, 1399), 64, "nf4", True),
         ((4099,), 4096, "fp4", False),
@@ -213,9 +213,7 @@ def test_every_dequant_config_matches_reference(cfg):
         p, s = nf4.quantize_4bit_ref(w, bs, qt, dq)
         want = nf4.dequantize_4bit_ref(p, s, dtype=torch.float16)
         with qkern.backend("triton"):
-            got = nf4._dequantize_4bit_triton(
-                p, s, None, torch.float16, config={**cfg.kwargs, "num_warps": cfg.num_warps}
-            )
+            got = nf4._dequantize_4bit_triton(p, s, None, torch.float16, config=cfg)
         assert torch.equal(got.cpu(), want.cpu())
 
 
@@ -526,6 +524,250 @@ def test_dequantize_bad_inputs():
         qkern.dequantize_4bit(p, replace(s, absmax=s.absmax[:3]))
 
 
+# ---- host path: cached launch arguments, lean checks, direct launches -------------------------
+
+
+def _cached_state(dq=True):
+    w = _weight((7, 131), torch.float32, 21).to(DEV)
+    p, s = nf4.quantize_4bit_ref(w, 64, "nf4", dq)
+    return p, s
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_cached_state_still_rejects_mismatched_inputs(path):
+    """After a state's launch arguments are cached, the per-call checks (integer and identity
+    compares) still reject every mismatch the full validation rejects, with the same errors."""
+    p, s = _cached_state()
+    want = nf4.dequantize_4bit_ref(p, s)
+    with qkern.backend(path):
+        assert torch.equal(nf4.dequantize_4bit(p, s).cpu(), want.cpu())
+        plan = s._plan
+        assert plan is not None
+        assert torch.equal(nf4.dequantize_4bit(p, s).cpu(), want.cpu())
+        assert s._plan is plan, "the second call reuses the cached plan"
+        with pytest.raises(ValueError, match="does not belong to this packed tensor"):
+            nf4.dequantize_4bit(p[:-1], s)
+        with pytest.raises(ValueError, match="does not belong to this packed tensor"):
+            nf4.dequantize_4bit(torch.cat([p, p]), s)
+        with pytest.raises(TypeError, match="packed must be uint8"):
+            nf4.dequantize_4bit(p.to(torch.int8), s)
+        with pytest.raises(TypeError, match="packed must be a torch.Tensor"):
+            nf4.dequantize_4bit(p.tolist(), s)
+        with pytest.raises(ValueError, match="must be on one device"):
+            nf4.dequantize_4bit(p.to("meta"), s)
+        with pytest.raises(ValueError, match="out has shape"):
+            nf4.dequantize_4bit(p, s, out=torch.empty(131, 7, device=DEV))
+        with pytest.raises(ValueError, match="out is on meta"):
+            nf4.dequantize_4bit(p, s, out=torch.empty(7, 131, device="meta"))
+        with pytest.raises(ValueError, match="out must be contiguous"):
+            nf4.dequantize_4bit(p, s, out=torch.empty(131, 7, device=DEV).t())
+        with pytest.raises(TypeError, match="out must have dtype"):
+            nf4.dequantize_4bit(p, s, out=torch.empty(7, 131, dtype=torch.int32, device=DEV))
+        with pytest.raises(ValueError, match="dtype=torch.float16 was asked for"):
+            nf4.dequantize_4bit(p, s, out=torch.empty(7, 131, device=DEV), dtype=torch.float16)
+        with pytest.raises(TypeError, match="dtype must be float32, float16 or bfloat16"):
+            nf4.dequantize_4bit(p, s, dtype=torch.int32)
+        # reassigning a field invalidates the cache: the state is validated again
+        good = s.absmax
+        s.absmax = good[:3]
+        with pytest.raises(ValueError, match="state.absmax has 3 entries"):
+            nf4.dequantize_4bit(p, s)
+        s.absmax = good
+        s.blocksize = 100
+        with pytest.raises(ValueError, match="state.blocksize must be one of"):
+            nf4.dequantize_4bit(p, s)
+        s.blocksize = 64
+        s.offset = s.offset * 2.0
+        got = nf4.dequantize_4bit(p, s)
+        assert s._plan is not plan
+        assert torch.equal(got.cpu(), nf4.dequantize_4bit_ref(p, s).cpu())
+        assert not torch.equal(got.cpu(), want.cpu()), "the new offset was used"
+
+
+def test_plan_is_not_copied_with_the_state():
+    import pickle
+    from dataclasses import replace
+
+    p, s = _cached_state()
+    with qkern.backend("triton"):
+        nf4.dequantize_4bit(p, s)
+    assert s._plan is not None
+    assert replace(s)._plan is None and s.to(DEV)._plan is None
+    assert pickle.loads(pickle.dumps(s))._plan is None
+    assert replace(s) == s, "the cache is not a field"
+
+
+class _CountOps:
+    """Records the aten ops run while active (a torch dispatch mode)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        rec = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if rec.active:
+                    rec.ops.append(func.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.mode, self.ops, self.active = Mode(), [], True
+
+
+class _StubKernel:
+    """Stands for a kernel: records launches; ``fill`` (an argument index) gets finite values
+    (outside the op count) so that the quantizer's finite check passes."""
+
+    def __init__(self, kernel, counter=None, fill=None):
+        self.arg_names = kernel.arg_names
+        self.pre_run_hooks = []
+        self.calls, self.counter, self.fill = [], counter, fill
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.calls.append((grid, args, meta))
+            if self.fill is not None:
+                self.counter.active = False
+                args[self.fill].fill_(1.0)
+                self.counter.active = True
+
+        return launch
+
+
+def test_hot_paths_run_no_torch_op_but_their_allocations(monkeypatch):
+    """dequantize_4bit(out=...) with a cached state: one launch, no torch op (no views, no
+    copies, no syncs). quantize: its outputs, torch's mean (or max), one host sync, two
+    launches (one without double quant) and no table copies."""
+    count = _CountOps()
+    stub = _StubKernel(nf4._dequantize_4bit_kernel)
+    monkeypatch.setattr(nf4, "_dequantize_4bit_kernel", stub)
+    p, s = _cached_state()
+    out = torch.empty(7, 131, dtype=torch.float16, device=DEV)
+    with qkern.backend("triton"):
+        nf4.dequantize_4bit(p, s, out=out)
+        with count.mode:
+            nf4.dequantize_4bit(p, s, out=out)
+            assert count.ops == []
+            nf4.dequantize_4bit(p, s, dtype=torch.float32)
+        assert count.ops == ["empty.memory_format"]
+    assert len(stub.calls) == 3
+    grid, args, meta = stub.calls[1]
+    assert args[0] is p and args[5] is out and args[6] == 7 * 131
+    assert grid == (triton_cdiv(7 * 131, meta["ROWS"] * meta["COLS"]), 1, 1)
+
+    w = _weight((16, 256), torch.float32, 3).to(DEV)
+    for dq, want in (
+        (True, ["empty.memory_format"] * 2 + ["mean.default"] + ["empty.memory_format"] * 2),
+        (False, ["empty.memory_format"] * 2 + ["max.default"]),
+    ):
+        count = _CountOps()
+        q1 = _StubKernel(nf4._quantize_4bit_kernel, count, fill=2)  # the block absmax
+        q2 = _StubKernel(nf4._quantize_absmax_kernel, count)
+        monkeypatch.setattr(nf4, "_quantize_4bit_kernel", q1)
+        monkeypatch.setattr(nf4, "_quantize_absmax_kernel", q2)
+        with count.mode:
+            _, st_ = nf4._quantize_4bit_triton(w, 64, "nf4", dq)
+        assert count.ops == want + ["_local_scalar_dense.default"], count.ops
+        assert (len(q1.calls), len(q2.calls)) == (1, int(dq))
+        assert st_.code is nf4._table("nf4", w.device), "no copy of the code table"
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+class _FakeCompiled:
+    """Stands for Triton's compiled kernel: ``ck[grid](*every_parameter, stream=...)`` runs the
+    kernel with the same arguments (split back into runtime and compile-time ones)."""
+
+    packed_metadata = None
+
+    def __init__(self, kernel, n_runtime):
+        self.kernel, self.n_runtime, self.calls, self.fail = kernel, n_runtime, 0, False
+
+    def __getitem__(self, grid):
+        def runner(*args, stream=None):
+            assert stream == 0
+            self.calls += 1
+            if self.fail:
+                raise TypeError("launcher rejected the arguments")
+            names = self.kernel.arg_names[self.n_runtime :]
+            assert len(args) == len(self.kernel.arg_names)
+            cx = dict(zip(names, args[self.n_runtime :]))
+            self.kernel[grid](*args[: self.n_runtime], **cx)
+
+        return runner
+
+
+class _ReturnsCompiled:
+    """A kernel whose launch returns a _FakeCompiled, as JITFunction.run returns its kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.arg_names, self.pre_run_hooks = kernel, kernel.arg_names, []
+        self.jit_calls, self.compiled = 0, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.jit_calls += 1
+            self.kernel[grid](*args, **meta)
+            self.compiled.append(_FakeCompiled(self.kernel, len(args)))
+            return self.compiled[-1]
+
+        return launch
+
+
+class _FakeDriver:
+    class active:  # noqa: N801 (mirrors triton.runtime.driver.active)
+        @staticmethod
+        def get_current_device():
+            return 0
+
+        @staticmethod
+        def get_current_stream(device):
+            return 0
+
+
+def test_direct_launches_match_the_jit_launch(monkeypatch):
+    """The second launch of a cached configuration goes through the kernel the first returned,
+    with every parameter in signature order; other alignments get their own entry; a failing
+    direct launch falls back to the JIT launch and switches direct launches off."""
+    deq = _ReturnsCompiled(nf4._dequantize_4bit_kernel)
+    q1 = _ReturnsCompiled(nf4._quantize_4bit_kernel)
+    q2 = _ReturnsCompiled(nf4._quantize_absmax_kernel)
+    monkeypatch.setattr(nf4, "_dequantize_4bit_kernel", deq)
+    monkeypatch.setattr(nf4, "_quantize_4bit_kernel", q1)
+    monkeypatch.setattr(nf4, "_quantize_absmax_kernel", q2)
+    monkeypatch.setattr(nf4, "_driver", _FakeDriver)
+    monkeypatch.setattr(nf4, "_QUANT_COMPILED", {})
+    monkeypatch.setitem(nf4._DIRECT, "on", True)
+    w = _weight((9, 130), torch.float32, 5).to(DEV)
+    pr, sr = nf4.quantize_4bit_ref(w, 64, "nf4", True)
+    with qkern.backend("triton"):
+        for _ in range(2):
+            p, s = nf4._quantize_4bit_triton(w, 64, "nf4", True, rcp_mode=nf4.RCP_IEEE)
+            assert torch.equal(p.cpu(), pr.cpu())
+            _assert_same_state(s, sr)
+        assert (q1.jit_calls, q2.jit_calls) == (1, 1)
+        assert q1.compiled[0].calls == 1 and q2.compiled[0].calls == 1
+        want = nf4.dequantize_4bit_ref(pr, sr, dtype=torch.float16)
+        out = poisoned((9, 130), torch.float16, DEV)
+        for i in range(3):
+            out.fill_(float("nan"))
+            assert torch.equal(nf4.dequantize_4bit(p, s, out=out).cpu(), want.cpu())
+            assert deq.jit_calls == 1 and deq.compiled[0].calls == i
+        # an output 16-byte aligned no more (but still word aligned): another specialization
+        base = poisoned((9 * 130 + 2,), torch.float16, DEV)
+        shifted = base[2:].view(9, 130)
+        assert shifted.data_ptr() % 16 != 0
+        for _ in range(2):
+            assert torch.equal(nf4.dequantize_4bit(p, s, out=shifted).cpu(), want.cpu())
+        assert deq.jit_calls == 2 and deq.compiled[1].calls == 1
+        deq.compiled[0].fail = True
+        out.fill_(float("nan"))
+        assert torch.equal(nf4.dequantize_4bit(p, s, out=out).cpu(), want.cpu())
+        assert deq.jit_calls == 3 and not nf4._DIRECT["on"]
+
+
 # ---- GPU ---------------------------------------------------------------------------------------
 
 
@@ -565,3 +807,43 @@ def test_gpu_default_quantize_differs_from_ieee_only_next_to_thresholds():
         gap = (x[:, None] - thr[None, :]).abs().min(1).values
         assert bool((gap <= 4 * torch.finfo(torch.float32).eps * x.abs().clamp_min(1e-3)).all())
     print(f"hardware vs IEEE reciprocal: {diff.numel()} of {w.numel()} indices differ")
+
+
+@pytest.mark.gpu
+def test_gpu_direct_launches_are_bit_exact():
+    """Repeated calls go through the compiled kernels the first calls returned (no Triton
+    dispatch): still bit-exact, for fresh and caller buffers, aligned and not, and no direct
+    launch has failed over to the JIT launch."""
+    assert nf4._DIRECT["on"]
+    w = _weight((1023, 4097), torch.bfloat16, 4, zero_block=2).cuda()
+    for dq in (True, False):
+        pr, sr = nf4.quantize_4bit_ref(w, 64, "nf4", dq)
+        for _ in range(3):
+            pt, stt = nf4._quantize_4bit_triton(w, 64, "nf4", dq, rcp_mode=nf4.RCP_IEEE)
+            assert torch.equal(pr, pt)
+            _assert_same_state(sr, stt)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            want = nf4.dequantize_4bit_ref(pr, sr, dtype=dtype)
+            out = poisoned(w.shape, dtype, "cuda")
+            shifted = poisoned((w.numel() + 2,), dtype, "cuda")[2:].view(w.shape)
+            for _ in range(3):
+                for buf in (out, shifted):
+                    buf.fill_(float("nan"))
+                    assert torch.equal(nf4.dequantize_4bit(pt, stt, out=buf), want)
+                assert torch.equal(nf4.dequantize_4bit(pt, stt, dtype=dtype), want)
+        assert all(entry[2] for entry in stt._plan.launches.values()), "compiled kernels kept"
+    assert nf4._DIRECT["on"], "a direct launch failed; the JIT launch took over"
+
+
+@pytest.mark.gpu
+def test_gpu_measured_config_for_large_n(monkeypatch):
+    """The once-per-shape timing that picks the tile for large weights (threshold lowered)."""
+    monkeypatch.setattr(nf4, "_TUNE_MIN_N", 1 << 20)
+    monkeypatch.setattr(nf4, "_TUNED", {})
+    w = _weight((2048, 1024), torch.bfloat16, 6).cuda()
+    p, s = nf4.quantize_4bit_ref(w, 64, "nf4", True)
+    want = nf4.dequantize_4bit_ref(p, s)
+    assert torch.equal(nf4.dequantize_4bit(p, s), want)
+    assert torch.equal(nf4.dequantize_4bit(p, s), want)
+    assert len(nf4._TUNED) == 1
+    assert next(iter(nf4._TUNED.values())) in nf4._DEQUANT_CONFIGS[:4]
