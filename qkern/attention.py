@@ -25,15 +25,15 @@ Math
 GQA/MQA: Hq must be a multiple of Hkv; query head h reads K/V head ``h // (Hq // Hkv)``. K/V are
 never repeated in memory; the dK/dV kernel sums the whole group in registers.
 
-Limits: float16, bfloat16 and float32 inputs (float32 uses exact fp32 products; it is meant for
-tests), all three of one dtype; head dim a multiple of 8 in [16, 256] (non-powers of two are
-padded to the next power of two inside the kernels: 80 and 96 run as 128); the last dimension is
-made contiguous if it is not. Dropout, attention bias/ALiBi and returning the LSE are not
-supported. Sequence lengths are arbitrary. For packed input on CUDA, cu_seqlens values are checked
-only when max_seqlen (and max_seqlen_k) are not given, because checking them needs a host sync;
-passing them promises they are right.
+Limits: float16, bfloat16 and float32 inputs, all three of one dtype (float32 uses exact fp32
+products on FMA units with small tiles: slow, meant for tests); head dim a multiple of 8 in
+[16, 256] (non-powers of two are padded to the next power of two inside the kernels: 80 and 96
+run as 128); the last dimension is made contiguous if it is not. Dropout, attention bias/ALiBi
+and returning the LSE are not supported. Sequence lengths are arbitrary. For packed input on
+CUDA, cu_seqlens values are checked only when max_seqlen (and max_seqlen_k) are not given,
+because checking them needs a host sync; passing them promises they are right.
 
-Measured on H100 (see docs/kernels/attention.md for the numbers and how they were taken).
+Design notes, memory arithmetic and H100 measurements: docs/kernels/attention.md.
 """
 
 from __future__ import annotations
@@ -136,32 +136,10 @@ def _query_range(n0, lq, lk, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 @triton.jit
 def _fwd_inner(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    stride_ks,
-    stride_vs,
-    offs_m,
-    offs_n,
-    offs_d,
-    lo,
-    hi,
-    lq,
-    lk,
-    left,
-    right,
-    qk_scale,
-    cap_scale,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
-    MASKED: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, lo, hi, lq,
+    lk, left, right, qk_scale, cap_scale, D: tl.constexpr, D_PAD: tl.constexpr,
+    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """Online softmax over key blocks [lo, hi): running max m_i, sum l_i, unnormalized acc.
 
     Scores are in base 2: s2 = log2(e)·s, so exp(s - m) = exp2(s2 - m2) and the scale is one
@@ -169,16 +147,21 @@ def _fwd_inner(
     """
     off = lk - lq
     pos = offs_m + off
-    # pointers advance by one block per step instead of being rebuilt from the row index
-    k_ptrs = k_base + (lo + offs_n)[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = v_base + (lo + offs_n)[:, None] * stride_vs + offs_d[None, :]
+    # loop-invariant int32 offsets plus a scalar step: a loop-carried tensor of 64-bit pointers
+    # would keep two registers per element alive across iterations
+    k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vs + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
+        k_ptrs = k_base + start_n * stride_ks + k_offs
+        v_ptrs = v_base + start_n * stride_vs + v_offs
         # (loads are written out rather than calling a helper: the interpreter pays per call)
-        if MASKED or D != D_PAD:
+        if MASKED:
             k = tl.load(k_ptrs, mask=(cols[:, None] < lk) & (offs_d[None, :] < D), other=0.0)
-        else:
+        elif D == D_PAD:
             k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < D, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if SOFTCAP:
             s = _tanh(qk * qk_scale) * cap_scale
@@ -200,14 +183,14 @@ def _fwd_inner(
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED or D != D_PAD:
+        if MASKED:
             v = tl.load(v_ptrs, mask=(cols[:, None] < lk) & (offs_d[None, :] < D), other=0.0)
-        else:
+        elif D == D_PAD:
             v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < D, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
     return acc, l_i, m_i
 
 
@@ -217,39 +200,60 @@ def _fwd_configs() -> list:
     # Hopper candidates. Shared memory per stage is BLOCK_N·D_PAD·2 bytes for K and for V
     # (BLOCK_N = 128, D = 128: 64 KiB a stage) plus Q's BLOCK_M·D_PAD·2 = 32 KiB, against
     # 227 KiB per block: 3 stages at BLOCK_N = 128, 4 at 64. Registers: the fp32 accumulator
-    # BLOCK_M·D_PAD·4 = 64 KiB is 64 registers/thread at 8 warps.
+    # BLOCK_M·D_PAD·4 = 64 KiB is 64 registers/thread at 8 warps; 4 warps would hold 128 and
+    # spill at D = 128 (checked by compiling for sm_90), so all candidates use 8.
     return pick_configs(
         [
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         ]
     )
 
 
-def _prune_d256(big: list):
-    """An early_config_prune that swaps in ``big`` when D_PAD = 256 (every tile twice as wide)."""
+def _pruner(d256: list, fp32: list):
+    """An early_config_prune: exact-fp32 inputs and D_PAD = 256 get their own config lists.
+
+    fp32 with input_precision="ieee" has no tensor-core path, so its dots run on FMA units with
+    every operand in registers: only small tiles compile in reasonable time without spilling
+    (fp32 exists for tests). D_PAD = 256 doubles every tile.
+    """
 
     def prune(configs: list, named_args: dict, **kwargs) -> list:
-        d_pad = kwargs.get("D_PAD", named_args.get("D_PAD", 128))
-        return configs if d_pad <= 128 or len(configs) == 1 else big
+        if interpreter_enabled():
+            return configs
+        if kwargs.get("PREC", named_args.get("PREC")) == "ieee":
+            chosen = fp32
+        elif kwargs.get("D_PAD", named_args.get("D_PAD", 128)) > 128:
+            chosen = d256
+        else:
+            chosen = configs
+        return chosen if _TUNE_ALL else chosen[:1]
 
     return prune
 
 
-# D_PAD = 256 doubles every tile; these fit (fwd: Q 32 KiB + 2 stages of K/V 64 KiB = 160 KiB)
+# The GPU test suite sets this False so each kernel variant compiles one config (the first,
+# a sound default) instead of timing all of them: compile time dominates short test runs.
+_TUNE_ALL = True
+
+_FP32_MN = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+_FP32_SPLIT = [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
+
+# D_PAD = 256 doubles every tile. These compile without register spills for sm_90 and fit
+# shared memory (fwd 128x32: Q 64 KiB + 2 stages of K/V 2·32 KiB = 128 KiB).
 _D256_FWD = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
 ]
 _D256_DKDV = [
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2),
 ]
 _D256_DQ = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
 ]
 _D256_SPLIT = [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2)]
 
@@ -259,50 +263,16 @@ _KEY = ["bucket_q", "bucket_k", "D_PAD", "CAUSAL", "SOFTCAP", "VARLEN"]
 @triton.autotune(
     configs=_fwd_configs(),
     key=_KEY,
-    prune_configs_by={"early_config_prune": _prune_d256(_D256_FWD)},
+    prune_configs_by={"early_config_prune": _pruner(_D256_FWD, _FP32_MN)},
 )
 @triton.jit
 def _attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    cu_q,
-    cu_k,
-    stride_qb,
-    stride_qs,
-    stride_qh,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_vb,
-    stride_vs,
-    stride_vh,
-    stride_ob,
-    stride_os,
-    stride_oh,
-    stride_lb,
-    stride_lh,
-    seqlen_q,
-    seqlen_k,
-    n_heads,
-    group,
-    qk_scale,
-    cap_scale,
-    left,
-    right,
-    bucket_q,
-    bucket_k,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    VARLEN: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, O, LSE, cu_q, cu_k, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, n_heads, group, qk_scale, cap_scale, left, right, bucket_q, bucket_k,
+    D: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """O[b, i, h] = sum_j softmax_j(s_ij) V[b, j, h // group], LSE[b, h, i] = log2 sum_j exp(s_ij).
 
     Grid (batch·Hq, query blocks). Causal runs the query blocks in reverse so the longest rows
@@ -386,45 +356,16 @@ def _split_configs() -> list:
 @triton.autotune(
     configs=_split_configs(),
     key=["bucket_k", "D_PAD", "BLOCK_M", "SOFTCAP", "VARLEN"],
-    prune_configs_by={"early_config_prune": _prune_d256(_D256_SPLIT)},
+    prune_configs_by={"early_config_prune": _pruner(_D256_SPLIT, _FP32_SPLIT)},
 )
 @triton.jit
 def _attn_fwd_split_kernel(
-    Q,
-    K,
-    V,
-    OP,
-    LP,
-    cu_q,
-    cu_k,
-    stride_qb,
-    stride_qs,
-    stride_qh,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_vb,
-    stride_vs,
-    stride_vh,
-    seqlen_q,
-    seqlen_k,
-    max_q,
-    n_kv_heads,
-    group,
-    qk_scale,
-    cap_scale,
-    left,
-    right,
-    keys_per_split,
-    bucket_k,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    VARLEN: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    Q, K, V, OP, LP, cu_q, cu_k, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, seqlen_q, seqlen_k, max_q, n_kv_heads, group, qk_scale,
+    cap_scale, left, right, keys_per_split, bucket_k, D: tl.constexpr, D_PAD: tl.constexpr,
+    SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-):
+):  # fmt: skip
     """Split-KV forward for few queries ("flash-decoding"): one program per (batch, KV head, split).
 
     Its BLOCK_M rows are every (query head of the group, query) pair, row r = g·max_q + i, so a
@@ -503,26 +444,10 @@ def _attn_fwd_split_kernel(
 
 @triton.jit
 def _attn_split_combine_kernel(
-    OP,
-    LP,
-    O,
-    LSE,
-    cu_q,
-    stride_ob,
-    stride_os,
-    stride_oh,
-    stride_lb,
-    stride_lh,
-    seqlen_q,
-    max_q,
-    n_kv_heads,
-    group,
-    n_splits,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
-    VARLEN: tl.constexpr,
+    OP, LP, O, LSE, cu_q, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, seqlen_q, max_q,
+    n_kv_heads, group, n_splits, D: tl.constexpr, D_PAD: tl.constexpr, VARLEN: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
-):
+):  # fmt: skip
     """Merge the split partials of one row: lse = log2 sum_s 2^lse_s, o = sum_s 2^(lse_s-lse)·o_s.
 
     Grid (batch·Hkv, group·max_q). A row no split saw gets output 0 and LSE +inf.
@@ -567,25 +492,10 @@ def _attn_split_combine_kernel(
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    O,
-    DO,
-    DELTA,
-    cu_q,
-    stride_ob,
-    stride_os,
-    stride_oh,
-    stride_dob,
-    stride_dos,
-    stride_doh,
-    stride_lb,
-    stride_lh,
-    seqlen_q,
-    n_heads,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
-    VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+    O, DO, DELTA, cu_q, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_lh, seqlen_q, n_heads, D: tl.constexpr, D_PAD: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
     """delta[b, h, i] = sum_d dO[b, i, h, d]·O[b, i, h, d] in fp32 (= sum_j P_ij dP_ij)."""
     pid_bh = tl.program_id(0)
     b = pid_bh // n_heads
@@ -621,44 +531,23 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk,
-    dv,
-    k,
-    v,
-    q_base,
-    do_base,
-    lse_base,
-    delta_base,
-    stride_qs,
-    stride_dos,
-    offs_m,
-    offs_n,
-    offs_d,
-    lo,
-    hi,
-    lq,
-    lk,
-    left,
-    right,
-    qk_scale,
-    cap_scale,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
-    MASKED: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    PREC: tl.constexpr,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, offs_m, offs_n,
+    offs_d, lo, hi, lq, lk, left, right, qk_scale, cap_scale, D: tl.constexpr,
+    D_PAD: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
-):
+):  # fmt: skip
     """For query blocks [lo, hi): dV += Pᵀ dO, dK += dSᵀ Q (times the scale, applied later).
 
     Works on transposed tiles (keys × queries): Pᵀ = exp2(s2ᵀ - lse2), dPᵀ = V dOᵀ,
     dSᵀ = Pᵀ ∘ (dPᵀ - delta) ∘ (1 - tanh²) with softcap.
     """
     off = lk - lq
-    q_ptrs = q_base + (lo + offs_m)[:, None] * stride_qs + offs_d[None, :]
-    do_ptrs = do_base + (lo + offs_m)[:, None] * stride_dos + offs_d[None, :]
+    q_offs = offs_m[:, None] * stride_qs + offs_d[None, :]
+    do_offs = offs_m[:, None] * stride_dos + offs_d[None, :]
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
+        q_ptrs = q_base + start_m * stride_qs + q_offs
+        do_ptrs = do_base + start_m * stride_dos + do_offs
         # rows >= lq read as zeros, so even unmasked blocks may run past the document's end
         if D == D_PAD:
             q = tl.load(q_ptrs, mask=rows[:, None] < lq, other=0.0)
@@ -666,8 +555,6 @@ def _bwd_dkdv_inner(
         else:
             q = tl.load(q_ptrs, mask=(rows[:, None] < lq) & (offs_d[None, :] < D), other=0.0)
             do = tl.load(do_ptrs, mask=(rows[:, None] < lq) & (offs_d[None, :] < D), other=0.0)
-        q_ptrs += BLOCK_M * stride_qs
-        do_ptrs += BLOCK_M * stride_dos
         lse = tl.load(lse_base + rows, mask=rows < lq, other=0.0)
         delta = tl.load(delta_base + rows, mask=rows < lq, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PREC)
@@ -698,13 +585,14 @@ def _dkdv_configs() -> list:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     # dK and dV accumulators are 2·BLOCK_N·D_PAD fp32 = 128 KiB at BLOCK_N = D = 128, i.e. 128
-    # registers/thread at 8 warps: the tile stays at BLOCK_N <= 128 and Q/dO blocks small.
+    # registers/thread at 8 warps, plus K and V (64 more): the Q/dO blocks streamed per step stay
+    # small. Compiled for sm_90 at D = 128: 16x128 has no spills, 32x128 spills ~30 bytes,
+    # 64x128 ~250 bytes (4-warp variants spill kilobytes and are left out).
     return pick_configs(
         [
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=8, num_stages=3),
         ]
     )
 
@@ -712,60 +600,17 @@ def _dkdv_configs() -> list:
 @triton.autotune(
     configs=_dkdv_configs(),
     key=_KEY,
-    prune_configs_by={"early_config_prune": _prune_d256(_D256_DKDV)},
+    prune_configs_by={"early_config_prune": _pruner(_D256_DKDV, _FP32_MN)},
 )
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    cu_q,
-    cu_k,
-    stride_qb,
-    stride_qs,
-    stride_qh,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_vb,
-    stride_vs,
-    stride_vh,
-    stride_dob,
-    stride_dos,
-    stride_doh,
-    stride_dkb,
-    stride_dks,
-    stride_dkh,
-    stride_dvb,
-    stride_dvs,
-    stride_dvh,
-    stride_lb,
-    stride_lh,
-    seqlen_q,
-    seqlen_k,
-    n_kv_heads,
-    group,
-    qk_scale,
-    cap_scale,
-    sm_scale,
-    left,
-    right,
-    bucket_q,
-    bucket_k,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    VARLEN: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, DO, LSE, DELTA, DK, DV, cu_q, cu_k, stride_qb, stride_qs, stride_qh, stride_kb,
+    stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, n_kv_heads, group, qk_scale, cap_scale, sm_scale, left, right, bucket_q,
+    bucket_k, D: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """dK, dV of one key block of one KV head, summed over the group's query heads in registers.
 
     Grid (batch·Hkv, key blocks); for causal masks the low key blocks (seen by most queries, the
@@ -835,49 +680,29 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_inner(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    k_base,
-    v_base,
-    stride_ks,
-    stride_vs,
-    offs_m,
-    offs_n,
-    offs_d,
-    lo,
-    hi,
-    lq,
-    lk,
-    left,
-    right,
-    qk_scale,
-    cap_scale,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
-    MASKED: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, lo, hi,
+    lq, lk, left, right, qk_scale, cap_scale, D: tl.constexpr, D_PAD: tl.constexpr,
+    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """For key blocks [lo, hi): dQ += dS K with dS = P ∘ (dO Vᵀ - delta) (∘ (1 - tanh²))."""
     off = lk - lq
     pos = offs_m + off
-    k_ptrs = k_base + (lo + offs_n)[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = v_base + (lo + offs_n)[:, None] * stride_vs + offs_d[None, :]
+    k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vs + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASKED or D != D_PAD:
+        k_ptrs = k_base + start_n * stride_ks + k_offs
+        v_ptrs = v_base + start_n * stride_vs + v_offs
+        if MASKED:
             kv_mask = (cols[:, None] < lk) & (offs_d[None, :] < D)
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        else:
+        elif D == D_PAD:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
+        else:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < D, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < D, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if SOFTCAP:
             t = _tanh(qk * qk_scale)
@@ -903,68 +728,31 @@ def _bwd_dq_inner(
 def _dq_configs() -> list:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # Q, dO and the dQ accumulator stay resident (3·BLOCK_M·D_PAD), K and V stream
+    # Q, dO and the dQ accumulator stay resident (3·BLOCK_M·D_PAD), K and V stream; at D = 128
+    # the two 8-warp configs compile without spills for sm_90, 64x64 at 4 warps spills ~20 bytes
     return pick_configs(
         [
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
         ]
     )
 
 
 @triton.autotune(
-    configs=_dq_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_d256(_D256_DQ)}
+    configs=_dq_configs(),
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _pruner(_D256_DQ, _FP32_MN)},
 )
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    cu_q,
-    cu_k,
-    stride_qb,
-    stride_qs,
-    stride_qh,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_vb,
-    stride_vs,
-    stride_vh,
-    stride_dob,
-    stride_dos,
-    stride_doh,
-    stride_dqb,
-    stride_dqs,
-    stride_dqh,
-    stride_lb,
-    stride_lh,
-    seqlen_q,
-    seqlen_k,
-    n_heads,
-    group,
-    qk_scale,
-    cap_scale,
-    sm_scale,
-    left,
-    right,
-    bucket_q,
-    bucket_k,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    VARLEN: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, DO, LSE, DELTA, DQ, cu_q, cu_k, stride_qb, stride_qs, stride_qh, stride_kb,
+    stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, seqlen_q, seqlen_k, n_heads, group,
+    qk_scale, cap_scale, sm_scale, left, right, bucket_q, bucket_k, D: tl.constexpr,
+    D_PAD: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """dQ of one query block (FA2-style separate kernel: no atomics, deterministic)."""
     pid_bh = tl.program_id(0)
     b = pid_bh // n_heads
@@ -1088,7 +876,7 @@ def _normalize_window(window: Window) -> tuple[int, int]:
     return out[0], out[1]
 
 
-def _check_cu_seqlens(cu: torch.Tensor, name: str, total: int, tensor_name: str) -> None:
+def _check_cu_seqlens(cu: torch.Tensor, name: str) -> None:
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -1181,11 +969,11 @@ def _prepare(
     _check_max(max_seqlen_k, "max_seqlen_k")
     cu_q = cu_k = None
     if varlen:
-        _check_cu_seqlens(cu_seqlens, "cu_seqlens", q.shape[0], "q")
-        cu_q = cu_seqlens
-        cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+        _check_cu_seqlens(cu_seqlens, "cu_seqlens")
+        cu_q = cu_seqlens.contiguous()
+        cu_k = cu_q if cu_seqlens_k is None else cu_seqlens_k.contiguous()
         if cu_seqlens_k is not None:
-            _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], "k")
+            _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k")
             if cu_seqlens_k.numel() != cu_seqlens.numel():
                 raise ValueError(
                     f"cu_seqlens_k must have as many entries as cu_seqlens, got "
@@ -1264,8 +1052,9 @@ def _batch(q: torch.Tensor, spec: _Spec) -> int:
 
 
 def _bucket(n: int) -> int:
-    """Autotune key for a length: the next power of two, so varlen calls do not retune each time."""
-    return next_power_of_2(max(n, 1))
+    """Autotune key for a length: the next power of two up to 2048, beyond which the best blocks
+    no longer change; varlen calls with new max lengths then rarely retune."""
+    return min(next_power_of_2(max(n, 1)), 2048)
 
 
 def _num_splits(batch: int, hkv: int, group: int, spec: _Spec, device: torch.device) -> int:
@@ -1379,7 +1168,8 @@ def _attention_backward(
         VARLEN=varlen,
         PREC=prec,
     )
-    block = 64 if interpreter_enabled() else 128
+    # delta: 4096 elements of O and of dO per program = 32 fp32 values each per thread (4 warps)
+    block = max(16, 4096 // d_pad)
     _attn_bwd_delta_kernel[(batch * hq, triton.cdiv(spec.max_q, block))](
         out, do, delta, cu_q, *_strides(out, varlen), *_strides(do, varlen), slb, slh,
         seqlen_q, hq, D=d, D_PAD=d_pad, VARLEN=varlen, BLOCK_M=block,
