@@ -13,9 +13,16 @@ forward, small M (bytes: the NF4 weight N·K/2 + absmax; x and y are tiny):
   4096 x 4096   M=1..64:  8.4 MB (+0.26 MB uint8 absmax) -> 2.9 µs;  2·M·N·K <= 2.1 GFLOP -> 3 µs
   14336 x 4096  M=1..64: 29.4 MB (+0.92 MB)               -> 10 µs;   <= 7.5 GFLOP -> 11 µs at M=64
   -> memory bound up to M ~ 64 (bf16 weight instead: 33.5 / 117 MB -> 11 / 39 µs).
+  On an H200 (4.3 TB/s copy measured) the byte floors are 2.1 / 7.2 µs.
+  nf4_matmul's own floor is instruction issue for the dequant: ~8.3 SASS instructions per
+  weight at M = 1 (a gather from the code table, its address, nibble and x unpacking, FMAs),
+  ~10.5 for the tensor-core path (M = 3..16) -> 58.7M weights / (132 SMs x 128 lanes x
+  1.98 GHz) ≈ 14.5 / 18 µs at 14336x4096, 4.1 / 5.2 µs at 4096x4096: above the byte floor.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -26,7 +33,22 @@ RANK = 16
 SCALING = 2.0
 TRAIN_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in K, out N)
 SMALL_M_SHAPES = [(4096, 4096), (14336, 4096)]  # (N, K)
-SMALL_MS = {(4096, 4096): [1, 8, 16, 32, 64, 128], (14336, 4096): [1, 8, 16, 32]}
+SMALL_MS = {(4096, 4096): [1, 2, 8, 16, 32, 64, 128], (14336, 4096): [1, 2, 8, 16, 32, 64]}
+
+
+def _wall_us(fn, n: int = 200) -> float:
+    """Wall-clock µs per call of ``n`` back-to-back calls, then one sync: max(host, GPU) time.
+
+    do_bench's events hide host time up to the length of its L2-flush kernel; this number shows
+    whether the host (Python, launch overhead) or the GPU bounds a small op.
+    """
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -59,8 +81,8 @@ def _train_case(k: int, n: int) -> list[Row]:
         y = x @ w.t() + SCALING * ((x @ a.t()) @ b.t())
         return y, torch.autograd.grad(y, (x, a, b), gy)
 
-    def qkern_fb(dropout=0.0):
-        y = ql.qlora_linear(x, packed, state, a, b, SCALING, dropout=dropout)
+    def qkern_fb(dropout=0.0, seed=None):
+        y = ql.qlora_linear(x, packed, state, a, b, SCALING, dropout=dropout, dropout_seed=seed)
         return y, torch.autograd.grad(y, (x, a, b), gy)
 
     def torch_fb_dropout():
@@ -84,7 +106,23 @@ def _train_case(k: int, n: int) -> list[Row]:
     y_t, g_t = torch_fb()
     err_t = {"relerr_y": _rel(y_t, y_ref)}
     err_t.update({f"relerr_d{nm}": _rel(gt, r) for nm, gt, r in zip("xab", g_t, refs)})
-    y_q = g_q = y_t = g_t = y_ref = refs = u = xf = wf = gf = None
+    y_q = g_q = y_t = g_t = y_ref = refs = None
+    # the dropout path against the same fp32 math on the mask that the seed draws
+    y_q, g_q = qkern_fb(0.1, seed=1234)
+    with torch.no_grad():
+        keep = ql.lora_dropout_mask(1234, (M_TRAIN, k), 0.1, "cuda")
+        xd = torch.where(keep, (x / 0.9).to(torch.bfloat16).float(), 0.0)
+        keep = None
+        td = xd @ af.t()
+        refs = (
+            gf @ wf + SCALING * torch.where(xd != 0, u @ af / 0.9, 0.0),
+            SCALING * u.t() @ xd,
+            SCALING * gf.t() @ td,
+        )
+        err_d = {"relerr_y": _rel(y_q, xf @ wf.t() + SCALING * (td @ bf.t()))}
+    # (dX's reference masks by xd != 0: exact here, x has no zeros)
+    err_d.update({f"relerr_d{nm}": _rel(gq, r) for nm, gq, r in zip("xab", g_q, refs)})
+    y_q = g_q = refs = xd = td = u = xf = wf = gf = None
 
     flops = 4.0 * M_TRAIN * n * k + 6.0 * M_TRAIN * RANK * (n + k)
     case = f"M={M_TRAIN} {k}->{n} r={RANK}"
@@ -94,6 +132,9 @@ def _train_case(k: int, n: int) -> list[Row]:
         ql._LORA_FIRST = lora_first
         t_q = bench_ms(qkern_fb)
         extra = {"ratio_vs_torch": t_q / t_torch, "lora_first": lora_first}
+        if lora_first:
+            extra["wall_us"] = _wall_us(qkern_fb, 20)
+            extra["torch_wall_us"] = _wall_us(torch_fb, 20)
         rows.append(Row("qlora_fwdbwd", case, "qkern", t_q, flops=flops, extra={**extra, **err}))
     ql._LORA_FIRST = True
     t_qd = bench_ms(lambda: qkern_fb(0.1))
@@ -106,7 +147,7 @@ def _train_case(k: int, n: int) -> list[Row]:
             "qkern",
             t_qd,
             flops=flops,
-            extra={"ratio_vs_torch": t_qd / t_td},
+            extra={"ratio_vs_torch": t_qd / t_td, **err_d},
         )
     )
     return rows
@@ -150,6 +191,7 @@ def _small_m_case(n: int, k: int) -> list[Row]:
             "relerr": _rel(y, ref),
             "vs_bf16": t_bf16 / t_q,
             "vs_dequant_mm": t_dq / t_q,
+            "wall_us": _wall_us(lambda: ql.nf4_matmul(x, packed, state)),  # noqa: B023
         }
         if bnb is not None:
             with torch.no_grad():

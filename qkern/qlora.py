@@ -14,43 +14,46 @@ Two execution strategies, chosen by the number of rows M of x (all leading dims 
 * **M > NF4_MATMUL_MAX_M (training)**: W is dequantized once per forward and once per backward
   into a cached, reused workspace (one buffer per device/dtype/slot, sized for the largest weight
   seen), then cuBLAS does the big GEMM. At M=8192, 4096x4096 the GEMM is 2·M·N·K = 275 GFLOP
-  ≈ 0.40 ms at ~690 TFLOP/s, while writing the bf16 W is 32 MiB ≈ 15 µs at ~3 TB/s (< 4%);
-  a fused dequant-in-the-mainloop GEMM could at best save those 15 µs and would have to match
+  ≈ 0.40 ms at ~690 TFLOP/s, while writing the bf16 W is 32 MiB ≈ 10 µs at ~4 TB/s (< 3%);
+  a fused dequant-in-the-mainloop GEMM could at best save those µs and would have to match
   cuBLAS on Hopper (wgmma/TMA) to win, so dequant+cuBLAS is the design for large M.
-  The adapter adds two skinny GEMMs (r=16): x·Aᵀ reads x once (64 MiB, ~22 µs) and the
+  The adapter adds two skinny GEMMs (r=16): x·Aᵀ reads x once (64 MiB, ~16 µs) and the
   s·t·Bᵀ term is written straight into the output buffer, which the big GEMM then accumulates
   into (beta=1), so no separate add pass exists (see ``_LORA_FIRST``).
-* **M <= NF4_MATMUL_MAX_M (decode, small batches)**: ``nf4_matmul``, a Triton kernel that
-  streams the packed bytes once and dequantizes in registers; the bf16 weight never exists.
-  Reading 4096x4096 NF4 is 8.4 MB (+0.26 MB absmax) ≈ 3 µs at 3 TB/s, against 33.5 MB for the
-  bf16 weight: split-K over many programs keeps all SMs streaming (see ``_nf4_matmul_kernel``).
+* **M <= NF4_MATMUL_MAX_M (decode, small batches)**: ``nf4_matmul``, a Triton split-K kernel
+  that streams the packed bytes once and dequantizes them in registers (FMAs for M <= 2,
+  tensor cores above); the bf16 weight never exists. Reading 4096x4096 NF4 is 8.4 MB
+  (+0.26 MB absmax) ≈ 2 µs at 4.2 TB/s, against 33.5 MB for the bf16 weight (see
+  ``_nf4_matmul_kernel`` and ``_nf4_plan``).
 
-Dropout: the mask is never stored. The forward draws a 31-bit seed from the CPU generator and
-a Philox counter-based generator (``tl.rand(seed, m*K + k)``) rebuilds the same mask in the
-backward. Storing it would cost M·K bytes (bool) per layer — 32 MiB at M=8192, K=4096, as much
-as half the layer's input — while regenerating costs only ALU in kernels that read x anyway
-(the forward's x·Aᵀ and the backward's dA both stream x and apply the mask in registers, so
-d(x) is never materialised in memory). Drawing the seed from the CPU generator keeps
-activation checkpointing exact: ``torch.utils.checkpoint`` restores the CPU RNG state before
-recomputing. The reference path (CPU) uses ``torch.rand`` instead, so the two backends draw
-different masks for the same torch seed; ``lora_dropout_mask`` rebuilds the Triton path's mask.
+Dropout: the mask is drawn once per forward by a counter-based generator (Philox4x32-10, one
+call per 4 elements, seeded from the CPU generator) inside the kernel that computes d(x)·Aᵀ, so
+d(x) never touches memory; that kernel also stores the mask as bits (M·K/8 bytes, 1/16 of a bf16
+x) for the two backward kernels (dA, and the masked part of dX). Drawing the seed from the CPU
+generator keeps activation checkpointing exact: ``torch.utils.checkpoint`` restores the CPU RNG
+state before recomputing. The reference path (CPU) uses ``torch.rand`` instead, so the two
+backends draw different masks for the same torch seed; ``lora_dropout_mask`` rebuilds the
+Triton path's mask.
 
 Limits:
 * compute dtype = x.dtype in {float16, bfloat16, float32}; A, B (and bias) are in x.dtype or
   float32 (cast to x.dtype for the matmuls; their gradients come back in their own dtype).
 * ``nf4_matmul`` needs K % 32 == 0 (chunks of 32 or 64 elements that never straddle a quant
-  block, for any blocksize >= 32); other K fall back to dequant + matmul. Any N and M.
+  block, for any blocksize >= 32); other K fall back to dequant + matmul. Any N and M (it is
+  meant for small M: each 32-row tile of x repeats the dequant work).
+* ``nf4_matmul`` rounds differently for M <= 2 (FMA GEMV on the exact float32 weight) and for
+  larger M (weight rounded to the compute dtype, as dequantize_4bit does, on tensor cores).
 * the workspace and the split-K scratch are per device and assume one CUDA stream: do not run
   two qkern QLoRA ops concurrently on different streams of one device.
 * the dropout kernels are tuned for r <= 128 (larger r works, with register spills).
-* GPU numbers: see docs/kernels/qlora.md ("Measured"); block-size candidates are Hopper guesses
-  until measured.
+* GPU numbers: see docs/kernels/qlora.md ("Measured").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import torch
 import triton
@@ -72,16 +75,19 @@ from qkern._backend import (
 from qkern.nf4 import QuantState, _block_absmax, dequantize_4bit, quantize_4bit
 
 # Largest number of rows for which the forward uses the fused small-M kernel instead of
-# dequant + cuBLAS. The fused kernel reads 4 bits per weight instead of 16 (+ the dequant write),
-# so it wins while the GEMM is memory bound; past some M the tensor-core GEMM on the bf16 weight
-# is faster. Provisional value; bench_qlora's "crossover" rows measure it on the card.
+# dequant + cuBLAS. The fused kernel reads 4 bits per weight instead of 16 plus the dequant pass;
+# its cost is the dequant ALU per weight (FMA GEMV for M <= 2, tensor cores for M <= 32 in one
+# row tile), flat in M up to 32 rows and growing per 32-row tile after that, while dequant +
+# cuBLAS costs ~10 µs (4096x4096) / ~35 µs (14336x4096) of dequant on an H200 plus a bf16 GEMM
+# that is flat in M. Predicted crossover ~64-128 rows; 32 keeps a wide margin on both shapes.
+# bench_qlora's "crossover" rows measure it on the card.
 NF4_MATMUL_MAX_M = 32
 
 # Order of the two GEMMs that produce y in the large-M forward (and dX in the backward):
 # True: the skinny LoRA GEMM writes s·t·Bᵀ (+bias) into y, then the big GEMM accumulates into it
 # (cuBLAS beta=1 reads y in its epilogue, overlapped with the mainloop). False: the big GEMM
-# writes y, then the skinny GEMM reads and rewrites it (one extra M·N read + write, ~42 µs at
-# 8192x4096 bf16). bench_qlora times both.
+# writes y, then the skinny GEMM reads and rewrites it (one extra M·N read + write). Measured on
+# an H200 at 4096->4096: True 1.210 ms, False 1.248 ms fwd+bwd.
 _LORA_FIRST = True
 
 
@@ -107,8 +113,9 @@ def _cached_buffer(key: tuple, numel: int, dtype: torch.dtype, device: torch.dev
 
 
 def clear_workspaces() -> None:
-    """Free every cached dequantization workspace and split-K scratch buffer."""
+    """Free every cached dequantization workspace, split-K scratch buffer and launch plan."""
     _WORKSPACES.clear()
+    _NF4_PLANS.clear()
 
 
 def dequant_workspace(
@@ -137,25 +144,157 @@ def _move_state(state: QuantState, device: torch.device) -> QuantState:
 
 
 # --------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels: small-M matmul on the packed weight
 # --------------------------------------------------------------------------------------------
 
 
-def _nf4_matmul_configs() -> list:
-    # BLOCK_N rows of W per program; a program streams BLOCK_N x CHUNK/2 bytes per iteration
-    # (64 rows x 32 B = 2 KiB at blocksize 64). Several resident programs per SM plus split-K
-    # keep enough bytes in flight to approach the bandwidth.
-    cfgs = [(64, 4, 2), (128, 4, 2), (128, 8, 3), (256, 8, 2)]
-    return pick_configs(
-        [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in cfgs]
+@triton.jit
+def _unpack_x_pairs(words, X_KIND: tl.constexpr):
+    """Two adjacent elements of x from one word, as float32 (exact): (x[2j], x[2j+1]).
+
+    X_KIND 0: bf16 pairs in an int32 (little endian: x[2j] in the low half; a bf16 is the top
+    half of a float32, so each half is one shift or mask away). 1: fp16 pairs in an int32.
+    2: fp32 pairs in an int64.
+    """
+    if X_KIND == 0:
+        even = (words << 16).to(tl.float32, bitcast=True)
+        odd = (words & -65536).to(tl.float32, bitcast=True)
+    elif X_KIND == 1:
+        even = (words & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        odd = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        even = words.to(tl.int32).to(tl.float32, bitcast=True)
+        odd = (words >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return even, odd
+
+
+@triton.jit
+def _code_pair(packed, code_addr):
+    """The float32 code values of the high and the low nibble of each byte of ``packed``.
+
+    ``code_addr`` is the address of the 16-entry table, 64-byte aligned, so entry q lives at
+    ``code_addr | 4·q``: each lookup address is one OR on the low word (fused with the nibble
+    mask into a single 3-input logic op) instead of a 64-bit shift-and-add pair. Integer
+    instructions issue at half the float rate on Hopper and dominate this kernel's mix.
+    """
+    b = packed.to(tl.int32)
+    hi = ((b >> 2) & 0x3C).to(tl.int64)
+    lo = ((b << 2) & 0x3C).to(tl.int64)
+    w_hi = tl.load((code_addr | hi).to(tl.pointer_type(tl.float32)))
+    w_lo = tl.load((code_addr | lo).to(tl.pointer_type(tl.float32)))
+    return w_hi, w_lo
+
+
+@triton.jit
+def _nf4_chunk_fma(
+    acc,
+    c,
+    c_end,
+    q_ptr,
+    byte_row,
+    rh3,
+    n_ok3,
+    el_row2,
+    n_ok2,
+    absmax_ptr,
+    nabs_ptr,
+    ncode_ptr,
+    code_addr,
+    offset,
+    x_rows,
+    m_ok3,
+    HALF: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    EXACT_MUL: tl.constexpr,
+    X_KIND: tl.constexpr,
+):
+    """acc[m, n] += absmax(n, chunk c) · Σ_{k in chunk c} x[m, k] · code[q(n, k)].
+
+    Chunk c of a row is CHUNK = 2·HALF elements stored in HALF bytes (even element in the high
+    nibble) and lies inside one quant block, so its scale factors out of the chunk's sum: one
+    multiply per row and chunk instead of one per element. Chunks at or past ``c_end`` add 0
+    (their x words load as 0).
+    """
+    # chunk c < c_end, written as tensor comparisons (the interpreter cannot combine a tensor
+    # mask with a scalar one)
+    k_ok3 = c * HALF + rh3 < c_end * HALF
+    el2 = el_row2 + c * (2 * HALF)
+    packed = tl.load(q_ptr + byte_row + c * HALF + rh3, mask=n_ok3 & k_ok3, other=0)
+    am = _block_absmax(
+        el2 // BLOCKSIZE,
+        n_ok2 & (el2 < el_row2 + c_end * (2 * HALF)),
+        absmax_ptr,
+        nabs_ptr,
+        ncode_ptr,
+        offset,
+        DOUBLE_QUANT,
+        EXACT_MUL,
     )
+    words = tl.load(x_rows + c * HALF + rh3, mask=m_ok3 & k_ok3, other=0)
+    x_even, x_odd = _unpack_x_pairs(words, X_KIND)  # [BLOCK_M, 1, HALF]
+    w_even, w_odd = _code_pair(packed, code_addr)  # [1, BLOCK_N, HALF], fp32 codes
+    part = tl.sum(x_even * w_even + x_odd * w_odd, axis=2)  # [BLOCK_M, BLOCK_N]
+    return acc + part * am
 
 
-_NF4_CONFIGS = _nf4_matmul_configs()
-_NF4_BLOCK_NS = [c.kwargs["BLOCK_N"] for c in _NF4_CONFIGS]
+@triton.jit
+def _nf4_chunk_dot(
+    acc,
+    c,
+    c_end,
+    q_ptr,
+    byte_row,
+    rh2,
+    n_ok2,
+    el_row,
+    n_ok,
+    absmax_ptr,
+    nabs_ptr,
+    ncode_ptr,
+    code_addr,
+    offset,
+    x_rows,
+    m_ok2,
+    HALF: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    EXACT_MUL: tl.constexpr,
+    X_KIND: tl.constexpr,
+    cdt: tl.constexpr,
+):
+    """acc[m, n] += Σ_{k in chunk c} x[m, k] · W[n, k] on tensor cores (BLOCK_M >= 16 rows of x).
+
+    W[n, k] = dtype(fp32(code · absmax)), rounded once exactly as dequantize_4bit rounds, built
+    in registers for the chunk's even and odd columns; two dots (even, odd) accumulate in fp32.
+    """
+    k_ok = c * HALF + rh2 < c_end * HALF  # [1, HALF]: chunk c < c_end
+    packed = tl.load(q_ptr + byte_row + c * HALF + rh2, mask=n_ok2 & k_ok, other=0)
+    el = el_row + c * (2 * HALF)
+    am = _block_absmax(
+        el // BLOCKSIZE,
+        n_ok & (el < el_row + c_end * (2 * HALF)),
+        absmax_ptr,
+        nabs_ptr,
+        ncode_ptr,
+        offset,
+        DOUBLE_QUANT,
+        EXACT_MUL,
+    )[:, None]
+    w_even, w_odd = _code_pair(packed, code_addr)  # [BLOCK_N, HALF]
+    w_even = (w_even * am).to(cdt)
+    w_odd = (w_odd * am).to(cdt)
+    words = tl.load(x_rows + c * HALF + rh2, mask=m_ok2 & k_ok, other=0)  # [BLOCK_M, HALF]
+    x_even, x_odd = _unpack_x_pairs(words, X_KIND)
+    if X_KIND == 2:
+        acc = tl.dot(x_even, tl.trans(w_even), acc=acc, input_precision="ieee")
+        acc = tl.dot(x_odd, tl.trans(w_odd), acc=acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x_even.to(cdt), tl.trans(w_even), acc=acc)
+        acc = tl.dot(x_odd.to(cdt), tl.trans(w_odd), acc=acc)
+    return acc
 
 
-@triton.autotune(configs=_NF4_CONFIGS, key=["N", "K", "BLOCK_M"])
 @triton.jit
 def _nf4_matmul_kernel(
     x_ptr,
@@ -172,8 +311,9 @@ def _nf4_matmul_kernel(
     N,
     K,
     row_bytes,
-    stride_xm,
+    stride_xw,
     stride_ym,
+    chunks_per_split,
     offset,
     BLOCKSIZE: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -181,88 +321,119 @@ def _nf4_matmul_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    UNROLL: tl.constexpr,
     USE_DOT: tl.constexpr,
-    IS_FP32: tl.constexpr,
+    X_KIND: tl.constexpr,
     EXACT_MUL: tl.constexpr,
 ):
-    """y[m, n] = Σ_k x[m, k] · W[n, k] (+ bias[n]) with W read from the packed 4-bit codes.
+    """y[m, n] = Σ_k x[m, k] · W[n, k] (+ bias[n]), W read as packed 4-bit codes.
 
-    W[n, k] = dtype(code[nibble(n·K + k)] · absmax[(n·K + k) // BLOCKSIZE]); flat element e lives
-    in byte e // 2, high nibble when e is even. K % CHUNK == 0 and CHUNK | BLOCKSIZE, so each
-    CHUNK-wide piece of a row starts at an even flat index and lies inside one quant block: per
-    iteration a program loads a [BLOCK_N, CHUNK/2] byte tile (even columns in the high nibbles,
-    odd columns in the low ones) and one absmax per row.
+    W[n, k] = code[nibble(n·K + k)] · absmax[(n·K + k) // BLOCKSIZE]. A program owns BLOCK_N
+    rows of W, BLOCK_M rows of x and a contiguous range of CHUNK-wide chunks of K (split-K). Per
+    chunk it loads each row's CHUNK/2 contiguous bytes (16-byte vectors) and looks both nibbles
+    of every byte up in the 16-entry code table; x is read through a word view (one load per
+    two elements, split exactly into the element of the high nibble and that of the low one).
+    UNROLL chunks per loop iteration keep several row loads in flight per thread.
 
-    Grid (N tiles, splits, M tiles): split s covers a contiguous range of CHUNKs of K. With more
-    than one split, each program stores its fp32 partial tile, then bumps a per-tile counter; the
-    program that arrives last sums the partials in split order (deterministic), adds the bias,
-    writes y and resets the counter to 0 for the next launch.
+    * USE_DOT = False (BLOCK_M <= 2, decode): a GEMV on CUDA cores. The product is a broadcast
+      [BLOCK_M, BLOCK_N, CHUNK/2] FMA tile in float32, reduced over the chunk in registers; the
+      chunk's block scale is applied once per (row, chunk). W is never rounded to the compute
+      dtype, so y is as accurate as a float32 matmul on the dequantized weight.
+    * USE_DOT = True (BLOCK_M >= 16 rows of x, rows past M masked): W is rounded to the compute
+      dtype per chunk exactly as dequantize_4bit rounds it and goes through tensor cores; the
+      MMA work is negligible at this M, what counts is the dequant ALU and the bytes.
+
+    The launcher passes num_stages = 1: software pipelining would turn the code-table gathers
+    into 4-byte asynchronous copies through shared memory.
+
+    Split-K: with more than one split each program stores its fp32 partial tile, then bumps a
+    per-tile counter; the program that arrives last sums the partials in split order
+    (deterministic), adds the bias, writes y and resets the counter to 0 for the next launch.
     """
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    n_split = tl.num_programs(1)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n_split = tl.num_programs(2)
     HALF: tl.constexpr = CHUNK // 2
-    dt = x_ptr.dtype.element_ty
 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rc = tl.arange(0, HALF)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rh = tl.arange(0, HALF)
     n_ok = rn < N
     m_ok = rm < M
-    row_start = rn.to(tl.int64) * K  # flat element index of W[n, 0]
-    # byte offsets built from row_bytes = K/2 (a multiple of 16, which the compiler is told
-    # through argument specialisation) and c·HALF, so each row's HALF bytes load as 16 B vectors
-    row_byte = rn.to(tl.int64) * row_bytes
+    rn64 = rn.to(tl.int64)
+    rm64 = rm.to(tl.int64)
+    # row_bytes = K/2 is a multiple of 16 (specialised by the launcher), so every row's HALF
+    # bytes of a chunk load as 16-byte vectors
+    byte_row = rn64 * row_bytes
+    el_row = rn64 * K  # flat index of W[n, 0]
+    x_rows = x_ptr + rm64 * stride_xw  # words
+    code_addr = code_ptr.to(tl.int64)  # 64-byte aligned (see _code_pair)
 
-    n_chunks = K // CHUNK
-    per_split = tl.cdiv(n_chunks, n_split)
-    c_begin = pid_s * per_split
-    c_end = tl.minimum(c_begin + per_split, n_chunks)
-
-    x_rows = x_ptr + rm[:, None] * stride_xm
+    c_begin = pid_s * chunks_per_split
+    c_end = tl.minimum(c_begin + chunks_per_split, K // CHUNK)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if USE_DOT:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        byte_row2 = byte_row[:, None]
+        rh2 = rh[None, :]
+        n_ok2 = n_ok[:, None]
+        x_rows2 = x_rows[:, None]
+        m_ok2 = m_ok[:, None]
+        for c in range(c_begin, c_end, UNROLL):
+            acc = _nf4_chunk_dot(
+                acc, c, c_end, q_ptr, byte_row2, rh2, n_ok2, el_row, n_ok, absmax_ptr, nabs_ptr,
+                ncode_ptr, code_addr, offset, x_rows2, m_ok2, HALF, BLOCKSIZE, DOUBLE_QUANT,
+                EXACT_MUL, X_KIND, y_ptr.dtype.element_ty,
+            )  # fmt: skip
+            if UNROLL >= 2:
+                acc = _nf4_chunk_dot(
+                    acc, c + 1, c_end, q_ptr, byte_row2, rh2, n_ok2, el_row, n_ok, absmax_ptr,
+                    nabs_ptr, ncode_ptr, code_addr, offset, x_rows2, m_ok2, HALF, BLOCKSIZE,
+                    DOUBLE_QUANT, EXACT_MUL, X_KIND, y_ptr.dtype.element_ty,
+                )  # fmt: skip
     else:
-        acc2 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-    for c in range(c_begin, c_end):
-        k0 = c * CHUNK
-        el = row_start + k0
-        byte_ptrs = q_ptr + (row_byte + c * HALF)[:, None] + rc[None, :]
-        packed = tl.load(byte_ptrs, mask=n_ok[:, None], other=0)
-        am = _block_absmax(
-            el // BLOCKSIZE, n_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, DOUBLE_QUANT, EXACT_MUL
-        )
-        hi = (packed >> 4).to(tl.int32)
-        lo = (packed & 15).to(tl.int32)
-        w_even = (tl.load(code_ptr + hi) * am[:, None]).to(dt)  # W[:, k0 + 2j]
-        w_odd = (tl.load(code_ptr + lo) * am[:, None]).to(dt)  # W[:, k0 + 2j + 1]
-        xk = k0 + 2 * rc
-        x_even = tl.load(x_rows + xk[None, :], mask=m_ok[:, None], other=0.0)
-        x_odd = tl.load(x_rows + (xk + 1)[None, :], mask=m_ok[:, None], other=0.0)
-        if USE_DOT:
-            if IS_FP32:
-                acc = tl.dot(x_even, tl.trans(w_even), acc=acc, input_precision="ieee")
-                acc = tl.dot(x_odd, tl.trans(w_odd), acc=acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x_even, tl.trans(w_even), acc=acc)
-                acc = tl.dot(x_odd, tl.trans(w_odd), acc=acc)
-        else:
-            # one row of x: plain FMAs, reduced over the chunk axis once at the end
-            acc2 += w_even.to(tl.float32) * x_even.to(tl.float32)
-            acc2 += w_odd.to(tl.float32) * x_odd.to(tl.float32)
-    if not USE_DOT:
-        acc = tl.sum(acc2, axis=1)[None, :]
+        byte_row3 = byte_row[None, :, None]  # [1, BLOCK_N, 1]
+        rh3 = rh[None, None, :]
+        n_ok3 = n_ok[None, :, None]
+        el_row2 = el_row[None, :]  # [1, BLOCK_N]
+        n_ok2 = n_ok[None, :]
+        x_rows3 = x_rows[:, None, None]  # [BLOCK_M, 1, 1]
+        m_ok3 = m_ok[:, None, None]
+        for c in range(c_begin, c_end, UNROLL):
+            acc = _nf4_chunk_fma(
+                acc, c, c_end, q_ptr, byte_row3, rh3, n_ok3, el_row2, n_ok2, absmax_ptr,
+                nabs_ptr, ncode_ptr, code_addr, offset, x_rows3, m_ok3, HALF, BLOCKSIZE,
+                DOUBLE_QUANT, EXACT_MUL, X_KIND,
+            )  # fmt: skip
+            if UNROLL >= 2:
+                acc = _nf4_chunk_fma(
+                    acc, c + 1, c_end, q_ptr, byte_row3, rh3, n_ok3, el_row2, n_ok2, absmax_ptr,
+                    nabs_ptr, ncode_ptr, code_addr, offset, x_rows3, m_ok3, HALF, BLOCKSIZE,
+                    DOUBLE_QUANT, EXACT_MUL, X_KIND,
+                )  # fmt: skip
+            if UNROLL >= 4:
+                acc = _nf4_chunk_fma(
+                    acc, c + 2, c_end, q_ptr, byte_row3, rh3, n_ok3, el_row2, n_ok2, absmax_ptr,
+                    nabs_ptr, ncode_ptr, code_addr, offset, x_rows3, m_ok3, HALF, BLOCKSIZE,
+                    DOUBLE_QUANT, EXACT_MUL, X_KIND,
+                )  # fmt: skip
+                acc = _nf4_chunk_fma(
+                    acc, c + 3, c_end, q_ptr, byte_row3, rh3, n_ok3, el_row2, n_ok2, absmax_ptr,
+                    nabs_ptr, ncode_ptr, code_addr, offset, x_rows3, m_ok3, HALF, BLOCKSIZE,
+                    DOUBLE_QUANT, EXACT_MUL, X_KIND,
+                )  # fmt: skip
 
+    dt = y_ptr.dtype.element_ty
     out_mask = m_ok[:, None] & n_ok[None, :]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn[None, :]
     if n_split == 1:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptrs, acc.to(dt), mask=out_mask)
     else:
-        tile = pid_m * tl.num_programs(0) + pid_n
-        tl.store(part_ptr + (pid_s * M + rm)[:, None] * N + rn[None, :], acc, mask=out_mask)
+        tile = pid_m * tl.num_programs(1) + pid_n
+        part_rows = part_ptr + rm64[:, None] * N + rn[None, :]  # split s adds s·M·N
+        tl.store(part_rows + pid_s.to(tl.int64) * M * N, acc, mask=out_mask)
         # every thread's partial store happens before the (single-thread) release of the counter
         tl.debug_barrier()
         arrived = tl.atomic_add(lock_ptr + tile, 1)
@@ -270,10 +441,7 @@ def _nf4_matmul_kernel(
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(0, n_split):
                 total += tl.load(
-                    part_ptr + (s * M + rm)[:, None] * N + rn[None, :],
-                    mask=out_mask,
-                    other=0.0,
-                    cache_modifier=".cg",
+                    part_rows + s * M * N, mask=out_mask, other=0.0, cache_modifier=".cg"
                 )
             if HAS_BIAS:
                 total += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -281,70 +449,169 @@ def _nf4_matmul_kernel(
             tl.atomic_xchg(lock_ptr + tile, 0)
 
 
+# --------------------------------------------------------------------------------------------
+# Triton kernels: LoRA dropout
+# --------------------------------------------------------------------------------------------
+#
+# The keep-mask of element (m, k) comes from one Philox4x32-10 call per 4 elements: with
+# k = 128·g + 32·j + i (g a group of 128 columns, j in 0..3 a quarter, i in 0..31), the call
+# with counter m·KC + 32·g + i (KC = 32·ceil(K/128) counters per row) gives four 32-bit outputs
+# and output j decides column 128·g + 32·j + i: kept when (output >> 1) >= ceil(p·2^31), so
+# P(keep) = 1 - ceil(p·2^31)/2^31 (p = 1 drops everything exactly). A kernel working on
+# [BLOCK_M, 32]-column quarters uses all four outputs of each call (tl.rand per element would
+# spend a whole Philox call, ~90 integer ops, on each element and discard three outputs).
+#
+# The forward computes the mask once and stores it as bits (1 bit per element: M·K/8 bytes,
+# 1/16 of a bf16 x): word m·KW + (k >> 5), bit k & 31, with KW = 4·ceil(K/128) words per row.
+# The two backward kernels read the bits instead of re-running Philox.
+
+
 def _dropout_configs() -> list:
-    # Skinny GEMMs against r <= 128 columns: memory bound on x (M·K elements). BLOCK_M x BLOCK_K
-    # tiles of x (32x128 bf16 = 8 KiB) per iteration; the r columns stay in registers.
-    cfgs = [(32, 64, 4, 2), (32, 128, 4, 3), (64, 128, 8, 3)]
+    # Backward kernels: memory bound on x or dx (M·K elements) once the mask is read from bits.
+    # BLOCK_M rows x 128 columns per step (32x128 bf16 = 8 KiB), walked in 32-column quarters
+    # (one mask word per row); the r columns stay in registers.
+    cfgs = [(32, 4, 2), (16, 4, 2), (64, 8, 2), (32, 4, 3)]
     return pick_configs(
-        [
-            triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in cfgs
-        ]
+        [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm, w, s in cfgs]
+    )
+
+
+def _down_configs() -> list:
+    # the forward walks K in groups of 128 columns (4 Philox quarters); only BLOCK_M varies
+    cfgs = [(32, 4), (16, 4), (64, 8)]
+    return pick_configs(
+        [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=2) for bm, w in cfgs]
     )
 
 
 @triton.jit
-def _dropped(x, rows, cols, K, seed, p, scale, dt: tl.constexpr):
-    """d(x) = x / (1 - p) where Philox rand(seed, row·K + col) >= p, else 0; rounded to ``dt``."""
-    keep = tl.rand(seed, rows[:, None] * K + cols[None, :]) >= p
-    return tl.where(keep, x.to(tl.float32) * scale, 0.0).to(dt)
+def _down_quarter(
+    acc,
+    rnd,
+    x_ptr,
+    a_ptr,
+    rm,
+    m_ok,
+    k0,
+    ri,
+    rr,
+    r_ok,
+    K,
+    stride_xm,
+    thresh,
+    scale,
+    IS_FP32: tl.constexpr,
+):
+    """acc += d(x)[:, k0:k0+32] · A[:, k0:k0+32]ᵀ for one quarter, kept where (rnd >> 1) >=
+    thresh; returns the new acc and the quarter's 32 keep bits per row as one int32."""
+    dt = x_ptr.dtype.element_ty
+    cols = k0 + ri
+    k_ok = cols < K
+    x = tl.load(
+        x_ptr + rm[:, None] * stride_xm + cols[None, :],
+        mask=m_ok[:, None] & k_ok[None, :],
+        other=0.0,
+    )
+    keep = (rnd >> 1).to(tl.int32) >= thresh
+    xd = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(dt)
+    # other=0 matters: a garbage value times a zero of x would still poison the sum
+    a_t = tl.load(
+        a_ptr + rr[None, :] * K + cols[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0
+    )
+    if IS_FP32:
+        acc = tl.dot(xd, a_t, acc=acc, input_precision="ieee")
+    else:
+        acc = tl.dot(xd, a_t, acc=acc)
+    # disjoint bits: their sum is their OR
+    word = tl.sum(tl.where(keep, 1 << ri[None, :], 0), axis=1)
+    return acc, word
 
 
-@triton.autotune(configs=_dropout_configs(), key=["K", "R_PAD"])
+@triton.autotune(configs=_down_configs(), key=["K", "R_PAD"])
 @triton.jit
 def _lora_down_dropout_kernel(
     x_ptr,
     a_ptr,
     t_ptr,
+    bits_ptr,
     M,
     K,
     R,
     stride_xm,
+    KC,
+    KW,
     seed,
-    p,
+    thresh,
     scale,
     R_PAD: tl.constexpr,
     IS_FP32: tl.constexpr,
+    WRITE_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
 ):
-    """t[m, j] = Σ_k d(x)[m, k] · A[j, k]: the adapter's down projection of the dropped-out
-    input, with the mask generated in registers (d(x) never touches memory)."""
+    """t[m, j] = Σ_k d(x)[m, k] · A[j, k], d(x) = x ⊙ keep / (1-p) built in registers from one
+    Philox call per 4 elements (see the section comment); also stores the keep bits."""
     pid = tl.program_id(0)
     dt = x_ptr.dtype.element_ty
     rm = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    ri = tl.arange(0, 32)
     rr = tl.arange(0, R_PAD)
     m_ok = rm < M
     r_ok = rr < R
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + rk[None, :],
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
+    ctr_row = rm[:, None] * KC + ri[None, :]
+    bits_row = bits_ptr + rm * KW
+    for g in range(0, tl.cdiv(K, 128)):
+        r0, r1, r2, r3 = tl.randint4x(seed, ctr_row + g * 32)
+        k0 = g * 128
+        acc, w0 = _down_quarter(
+            acc, r0, x_ptr, a_ptr, rm, m_ok, k0, ri, rr, r_ok, K, stride_xm, thresh, scale, IS_FP32
         )
-        xd = _dropped(x, rm, rk, K, seed, p, scale, dt)
-        # other=0 matters: a garbage value times a zero of x would still poison the sum
-        a_t = tl.load(
-            a_ptr + rr[None, :] * K + rk[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0
-        )
-        if IS_FP32:
-            acc = tl.dot(xd, a_t, acc=acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xd, a_t, acc=acc)
+        acc, w1 = _down_quarter(
+            acc, r1, x_ptr, a_ptr, rm, m_ok, k0 + 32, ri, rr, r_ok, K, stride_xm, thresh, scale,
+            IS_FP32,
+        )  # fmt: skip
+        acc, w2 = _down_quarter(
+            acc, r2, x_ptr, a_ptr, rm, m_ok, k0 + 64, ri, rr, r_ok, K, stride_xm, thresh, scale,
+            IS_FP32,
+        )  # fmt: skip
+        acc, w3 = _down_quarter(
+            acc, r3, x_ptr, a_ptr, rm, m_ok, k0 + 96, ri, rr, r_ok, K, stride_xm, thresh, scale,
+            IS_FP32,
+        )  # fmt: skip
+        if WRITE_BITS:
+            tl.store(bits_row + 4 * g, w0, mask=m_ok)
+            tl.store(bits_row + 4 * g + 1, w1, mask=m_ok)
+            tl.store(bits_row + 4 * g + 2, w2, mask=m_ok)
+            tl.store(bits_row + 4 * g + 3, w3, mask=m_ok)
     tl.store(t_ptr + rm[:, None] * R + rr[None, :], acc.to(dt), mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _keep_quarter(bits_ptr, rm, m_ok, word, ri, KW):
+    """Keep-mask [BLOCK_M, 32] of columns 32·word + ri from the stored bits: one int32 per row."""
+    w = tl.load(bits_ptr + rm * KW + word, mask=m_ok, other=0)
+    return ((w[:, None] >> ri[None, :]) & 1) != 0
+
+
+@triton.jit
+def _grad_a_quarter(
+    acc, u_t, x_ptr, bits_ptr, rm, m_ok, k0, ri, K, stride_xm, KW, scale, IS_FP32: tl.constexpr
+):
+    """acc [R_PAD, 32] += uᵀ · d(x)[:, k0:k0+32] for one 32-column quarter."""
+    dt = x_ptr.dtype.element_ty
+    cols = k0 + ri
+    x = tl.load(
+        x_ptr + rm[:, None] * stride_xm + cols[None, :],
+        mask=m_ok[:, None] & (cols < K)[None, :],
+        other=0.0,
+    )
+    keep = _keep_quarter(bits_ptr, rm, m_ok, k0 // 32, ri, KW)
+    xd = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(dt)
+    if IS_FP32:
+        acc = tl.dot(u_t, xd, acc=acc, input_precision="ieee")
+    else:
+        acc = tl.dot(u_t, xd, acc=acc)
+    return acc
 
 
 @triton.autotune(configs=_dropout_configs(), key=["K", "R_PAD"])
@@ -352,56 +619,89 @@ def _lora_down_dropout_kernel(
 def _lora_grad_a_dropout_kernel(
     u_ptr,
     x_ptr,
+    bits_ptr,
     part_ptr,
     M,
     K,
     R,
     stride_xm,
+    KW,
     rows_per_split,
-    seed,
-    p,
     scale,
+    scaling,
     R_PAD: tl.constexpr,
     IS_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
 ):
-    """part[s, j, k] = Σ_{m in split s} u[m, j] · d(x)[m, k], with u = dY·B.
+    """part[s, j, k] = s_lora · Σ_{m in split s} u[m, j] · d(x)[m, k], with u = dY·B.
 
-    Grid (K tiles, row splits); the host sums the fp32 partials over s in a fixed order. The mask
-    is regenerated from the forward's seed, so d(x) is again never stored.
+    Grid (groups of 128 columns, row splits); the host sums the fp32 partials over s in a fixed
+    order. The mask comes from the forward's bits, one int32 per row and 32-column quarter, so
+    d(x) is again never stored.
     """
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
-    dt = x_ptr.dtype.element_ty
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k0 = pid_k * 128
+    ri = tl.arange(0, 32)
     rr = tl.arange(0, R_PAD)
-    k_ok = rk < K
     r_ok = rr < R
     m_begin = pid_s * rows_per_split
     m_end = tl.minimum(m_begin + rows_per_split, M)
-    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    acc0 = tl.zeros((R_PAD, 32), dtype=tl.float32)
+    acc1 = tl.zeros((R_PAD, 32), dtype=tl.float32)
+    acc2 = tl.zeros((R_PAD, 32), dtype=tl.float32)
+    acc3 = tl.zeros((R_PAD, 32), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
         rm = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         m_ok = rm < m_end
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + rk[None, :],
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        xd = _dropped(x, rm, rk, K, seed, p, scale, dt)
         u = tl.load(
             u_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
         )
-        if IS_FP32:
-            acc = tl.dot(tl.trans(u), xd, acc=acc, input_precision="ieee")
-        else:
-            acc = tl.dot(tl.trans(u), xd, acc=acc)
-    tl.store(
-        part_ptr + (pid_s * R + rr)[:, None] * K + rk[None, :],
-        acc,
-        mask=r_ok[:, None] & k_ok[None, :],
+        u_t = tl.trans(u)
+        acc0 = _grad_a_quarter(
+            acc0, u_t, x_ptr, bits_ptr, rm, m_ok, k0, ri, K, stride_xm, KW, scale, IS_FP32
+        )
+        acc1 = _grad_a_quarter(
+            acc1, u_t, x_ptr, bits_ptr, rm, m_ok, k0 + 32, ri, K, stride_xm, KW, scale, IS_FP32
+        )
+        acc2 = _grad_a_quarter(
+            acc2, u_t, x_ptr, bits_ptr, rm, m_ok, k0 + 64, ri, K, stride_xm, KW, scale, IS_FP32
+        )
+        acc3 = _grad_a_quarter(
+            acc3, u_t, x_ptr, bits_ptr, rm, m_ok, k0 + 96, ri, K, stride_xm, KW, scale, IS_FP32
+        )
+    rows = part_ptr + (pid_s * R + rr)[:, None] * K
+    cols = k0 + ri[None, :]
+    tl.store(rows + cols, acc0 * scaling, mask=r_ok[:, None] & (cols < K))
+    cols += 32
+    tl.store(rows + cols, acc1 * scaling, mask=r_ok[:, None] & (cols < K))
+    cols += 32
+    tl.store(rows + cols, acc2 * scaling, mask=r_ok[:, None] & (cols < K))
+    cols += 32
+    tl.store(rows + cols, acc3 * scaling, mask=r_ok[:, None] & (cols < K))
+
+
+@triton.jit
+def _grad_x_quarter(dx_ptr, u, a_ptr, bits_ptr, rm, m_ok, k0, ri, rr, r_ok, K, KW, scale, scaling,
+                    IS_FP32: tl.constexpr):  # fmt: skip
+    """dx[:, k0:k0+32] += s·(u·A[:, k0:k0+32]) ⊙ keep / (1-p) for one 32-column quarter."""
+    dt = dx_ptr.dtype.element_ty
+    cols = k0 + ri
+    k_ok = cols < K
+    a = tl.load(
+        a_ptr + rr[:, None] * K + cols[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0
     )
+    if IS_FP32:
+        v = tl.dot(u, a, input_precision="ieee")
+    else:
+        v = tl.dot(u, a)
+    v = (v * scaling).to(dt)  # s·(u·A) rounded to the compute dtype, as a separate GEMM would be
+    keep = _keep_quarter(bits_ptr, rm, m_ok, k0 // 32, ri, KW)
+    offs = rm[:, None] * K + cols[None, :]
+    mask = m_ok[:, None] & k_ok[None, :]
+    dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dx += tl.where(keep, v.to(tl.float32) * scale, 0.0)
+    tl.store(dx_ptr + offs, dx.to(dt), mask=mask)
 
 
 @triton.autotune(configs=_dropout_configs(), key=["K", "R_PAD"])
@@ -410,50 +710,57 @@ def _lora_grad_x_dropout_kernel(
     dx_ptr,
     u_ptr,
     a_ptr,
+    bits_ptr,
     M,
     K,
     R,
-    seed,
-    p,
+    KW,
     scale,
     scaling,
     R_PAD: tl.constexpr,
     IS_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
 ):
-    """dx[m, k] += s · (u·A)[m, k] · m[m, k] / (1-p): the adapter's input gradient, masked like
-    the forward's input, added to dY·W already in dx (u·A is never stored)."""
+    """dx[m, k] += s · (u·A)[m, k] · keep[m, k] / (1-p): the adapter's input gradient, masked like
+    the forward's input, added to dY·W already in dx (u·A is never stored). Grid (row tiles,
+    groups of 128 columns), each group in four 32-column quarters (one mask word per row)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    dt = dx_ptr.dtype.element_ty
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    ri = tl.arange(0, 32)
     rr = tl.arange(0, R_PAD)
     m_ok = rm < M
-    k_ok = rk < K
     r_ok = rr < R
     u = tl.load(u_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0)
-    a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0)
-    if IS_FP32:
-        v = tl.dot(u, a, input_precision="ieee")
-    else:
-        v = tl.dot(u, a)
-    v = (v * scaling).to(dt)  # s·(u·A) rounded to the compute dtype, as a separate GEMM would be
-    offs = rm[:, None] * K + rk[None, :]
-    mask = m_ok[:, None] & k_ok[None, :]
-    keep = tl.rand(seed, offs) >= p
-    dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dx += tl.where(keep, v.to(tl.float32) * scale, 0.0)
-    tl.store(dx_ptr + offs, dx.to(dt), mask=mask)
+    k0 = pid_k * 128
+    _grad_x_quarter(dx_ptr, u, a_ptr, bits_ptr, rm, m_ok, k0, ri, rr, r_ok, K, KW, scale, scaling,
+                    IS_FP32)  # fmt: skip
+    _grad_x_quarter(dx_ptr, u, a_ptr, bits_ptr, rm, m_ok, k0 + 32, ri, rr, r_ok, K, KW, scale,
+                    scaling, IS_FP32)  # fmt: skip
+    _grad_x_quarter(dx_ptr, u, a_ptr, bits_ptr, rm, m_ok, k0 + 64, ri, rr, r_ok, K, KW, scale,
+                    scaling, IS_FP32)  # fmt: skip
+    _grad_x_quarter(dx_ptr, u, a_ptr, bits_ptr, rm, m_ok, k0 + 96, ri, rr, r_ok, K, KW, scale,
+                    scaling, IS_FP32)  # fmt: skip
 
 
 @triton.jit
-def _dropout_mask_kernel(out_ptr, n, seed, p, BLOCK: tl.constexpr):
-    """out[e] = rand(seed, e) >= p for flat index e = m·K + k: the kept-element mask."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = tl.rand(seed, offs) >= p
-    tl.store(out_ptr + offs, keep.to(tl.int8), mask=offs < n)
+def _dropout_mask_kernel(out_ptr, M, K, KC, seed, thresh, BLOCK_M: tl.constexpr):
+    """out[m, k] = keep(m, k) as int8, drawn exactly as _lora_down_dropout_kernel draws it."""
+    pid_m = tl.program_id(0)
+    g = tl.program_id(1)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    ri = tl.arange(0, 32)
+    r0, r1, r2, r3 = tl.randint4x(seed, rm[:, None] * KC + g * 32 + ri[None, :])
+    rows = out_ptr + rm[:, None] * K
+    m_ok = rm[:, None] < M
+    cols = g * 128 + ri[None, :]
+    tl.store(rows + cols, ((r0 >> 1).to(tl.int32) >= thresh).to(tl.int8), mask=m_ok & (cols < K))
+    cols += 32
+    tl.store(rows + cols, ((r1 >> 1).to(tl.int32) >= thresh).to(tl.int8), mask=m_ok & (cols < K))
+    cols += 32
+    tl.store(rows + cols, ((r2 >> 1).to(tl.int32) >= thresh).to(tl.int8), mask=m_ok & (cols < K))
+    cols += 32
+    tl.store(rows + cols, ((r3 >> 1).to(tl.int32) >= thresh).to(tl.int8), mask=m_ok & (cols < K))
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,8 +772,13 @@ def _dropout_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
+def _dropout_threshold(p: float) -> int:
+    """Keep an element when (32-bit Philox output >> 1) >= this: ceil(p·2^31) in [0, 2^31]."""
+    return min(1 << 31, max(0, math.ceil(p * (1 << 31))))
+
+
 def _nf4_chunk(k: int, blocksize: int) -> int | None:
-    """Elements of a row handled per kernel iteration, or None when K is unsupported."""
+    """Elements of a row handled per chunk, or None when K is unsupported."""
     for chunk in (64, 32):
         if k % chunk == 0 and blocksize % chunk == 0:
             return chunk
@@ -478,6 +790,108 @@ def nf4_matmul_supported(in_features: int, state: QuantState) -> bool:
     return _nf4_chunk(in_features, state.blocksize) is not None
 
 
+@dataclasses.dataclass
+class _NF4Plan:
+    """Launch parameters of ``_nf4_matmul_kernel`` for one (M, N, K, blocksize, device)."""
+
+    grid: tuple[int, int, int]
+    block_m: int
+    block_n: int
+    chunk: int
+    chunks_per_split: int
+    unroll: int
+    use_dot: bool
+    num_warps: int
+    part: torch.Tensor
+    locks: torch.Tensor
+    exact_mul: bool  # inline PTX mul.rn on the GPU only (the interpreter has no PTX)
+
+
+_NF4_PLANS: dict[tuple, _NF4Plan] = {}
+
+
+def _nf4_plan(m: int, n: int, k: int, blocksize: int, device: torch.device) -> _NF4Plan:
+    """Block sizes and split-K from the shape alone (no autotuner dispatch per call).
+
+    Memory arithmetic (H100/H200, 132 SMs): streaming W at ~4 TB/s with ~1 µs DRAM latency needs
+    ~4 MB in flight, ~30 KB per SM. A program (4 warps; a row's 32-byte chunk is two threads'
+    16-byte loads) loads UNROLL = 2 chunks of BLOCK_N rows per iteration: 8 KB for the GEMV
+    (128 rows, ~72 registers per thread), 4 KB for the tensor-core path (64 rows, ~72 registers
+    and ~10 KB of shared memory). The grid is sized for one wave of ~4 (GEMV) or ~8 (dot)
+    programs per SM: 4096x4096, M = 1: 32 row tiles x 16 K-splits of 4 chunks = 512 programs
+    of 16 KB; 14336x4096: 112 row tiles x 4 splits; M = 8: 64 x 16 and 224 x 4.
+
+    M <= 2 runs the FMA GEMV (per weight: a nibble extract, a code-table gather, M FMAs); larger
+    M runs the tensor-core path with BLOCK_M = 16 or 32 (per weight: the same dequant plus one
+    scale multiply and a rounding, independent of M; the MMA work is negligible). Past 32 rows
+    the M tiles (fastest grid axis, so a W tile is re-read from L2, not DRAM) repeat the
+    dequant work.
+    """
+    key = (m, n, k, blocksize, device)
+    plan = _NF4_PLANS.get(key)
+    if plan is not None:
+        return plan
+    chunk = _nf4_chunk(k, blocksize)
+    use_dot = m > 2
+    block_m = (16 if m <= 16 else 32) if use_dot else m
+    # GEMV: 128 rows = 2 per thread, which halves the unpacking of x per weight (12% fewer
+    # instructions per weight at M = 1 in a trial compile); the dot path keeps 64 rows (at 128
+    # its layout conversions add shared-memory barriers to the loop)
+    block_n = 64 if use_dot else 128
+    unroll = 2
+    m_tiles = triton.cdiv(m, block_m)
+    num_warps = 4
+    n_tiles = triton.cdiv(n, block_n)
+    n_chunks = k // chunk
+    # resident programs per SM needed for ~30 KB in flight: ~4 at 8 KB (GEMV), ~8 at 4 KB (dot)
+    target_programs = max(1, (32 if use_dot else 16) * num_sms(device) // num_warps)
+    splits = target_programs // (m_tiles * n_tiles)  # at most one wave
+    splits = max(1, min(triton.cdiv(n_chunks, unroll), splits))
+    per_split = triton.cdiv(n_chunks, splits)
+    per_split = triton.cdiv(per_split, unroll) * unroll  # whole loop iterations where possible
+    splits = triton.cdiv(n_chunks, per_split)  # no empty split
+    # split-K scratch, shared by every plan of the device (one stream; see the module limits):
+    # fp32 partials and per-tile arrival counters that the kernel leaves at zero
+    part = _cached_buffer(("nf4mm_part", device), splits * m * n, torch.float32, device)
+    locks = _cached_buffer(("nf4mm_lock", device), m_tiles * n_tiles, torch.int32, device, True)
+    plan = _NF4Plan(
+        grid=(m_tiles, n_tiles, splits),
+        block_m=block_m,
+        block_n=block_n,
+        chunk=chunk,
+        chunks_per_split=per_split,
+        unroll=unroll,
+        use_dot=use_dot,
+        num_warps=num_warps,
+        part=part,
+        locks=locks,
+        exact_mul=not interpreter_enabled(),
+    )
+    _NF4_PLANS[key] = plan
+    return plan
+
+
+_X_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+_ALIGNED_CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _aligned_code(code: torch.Tensor) -> torch.Tensor:
+    """The code table at a 64-byte aligned address (the kernel ORs 4·q into it, _code_pair).
+
+    Tables made by quantize_4bit are fresh allocations (aligned); one sliced out of a loaded
+    file may not be, and gets a copy, made once and kept while the table lives (tables are
+    read-only, see QuantState).
+    """
+    if code.data_ptr() % 64 == 0:
+        return code
+    copy = _ALIGNED_CODES.get(code)
+    if copy is None:
+        copy = code.clone()  # a fresh allocation is at least 256-byte aligned
+        _ALIGNED_CODES[code] = copy
+    return copy
+
+
 def _nf4_matmul_launch(
     x2: torch.Tensor,
     packed: torch.Tensor,
@@ -485,65 +899,51 @@ def _nf4_matmul_launch(
     bias: torch.Tensor | None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """y = x2·Wᵀ (+ bias) with one kernel launch; x2 is [M, K] with unit column stride."""
     m, k = x2.shape
     n = state.shape[0]
-    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device) if out is None else out
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device) if out is None else out
     if m == 0:
         return y
-    chunk = _nf4_chunk(k, state.blocksize)
-    if m == 1:
-        block_m, use_dot = 1, False
-    else:
-        block_m, use_dot = min(64, max(16, next_power_of_2(m))), True
-    m_tiles = triton.cdiv(m, block_m)
-    n_chunks = k // chunk
-    # ~4 programs per SM: enough bytes in flight per SM to hide DRAM latency. 4096x4096 at
-    # BLOCK_N=128: 32 N tiles x 16 splits of 4 chunks = 512 programs of 128 rows x 256 columns.
-    target = 4 * num_sms(x2.device)
-
-    def splits(block_n: int) -> int:
-        s = min(n_chunks, max(1, triton.cdiv(target, triton.cdiv(n, block_n) * m_tiles)))
-        return triton.cdiv(n_chunks, triton.cdiv(n_chunks, s))  # no empty split
-
-    max_split = max(splits(bn) for bn in _NF4_BLOCK_NS)
-    part = _cached_buffer(("nf4mm_part", x2.device), max_split * m * n, torch.float32, x2.device)
-    n_locks = m_tiles * triton.cdiv(n, min(_NF4_BLOCK_NS))
-    locks = _cached_buffer(("nf4mm_lock", x2.device), n_locks, torch.int32, x2.device, zero=True)
-    dq = state.double_quant
-    absmax = state.absmax
-    nabs = state.nested_absmax if dq else absmax
-    ncode = state.nested_code if dq else state.code
-    offset = float(state.offset) if dq and state.offset is not None else 0.0
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), splits(meta["BLOCK_N"]), m_tiles)
-
-    _nf4_matmul_kernel[grid](
-        x2,
+    if not packed.is_contiguous():
+        packed = packed.contiguous()
+    # x is read as words of two elements: rows must be contiguous and word aligned
+    if not x2.is_contiguous() or x2.storage_offset() % 2 or (m == 1 and x2.stride(0) != k):
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    xw = x2.view(torch.int64 if x2.dtype == torch.float32 else torch.int32)
+    plan = _nf4_plan(m, n, k, state.blocksize, x2.device)
+    dq = state.nested_absmax is not None
+    _nf4_matmul_kernel[plan.grid](
+        xw,
         packed,
-        absmax,
-        nabs,
-        ncode,
-        state.code,
-        bias if bias is not None else y,
+        state.absmax,
+        state.nested_absmax if dq else state.absmax,
+        state.nested_code if dq else state.code,
+        _aligned_code(state.code),
+        y if bias is None else bias,
         y,
-        part,
-        locks,
+        plan.part,
+        plan.locks,
         m,
         n,
         k,
         k // 2,
-        x2.stride(0),
+        k // 2,
         y.stride(0),
-        offset,
+        plan.chunks_per_split,
+        float(state.offset) if dq else 0.0,
         BLOCKSIZE=state.blocksize,
-        CHUNK=chunk,
+        CHUNK=plan.chunk,
         DOUBLE_QUANT=dq,
         HAS_BIAS=bias is not None,
-        BLOCK_M=block_m,
-        USE_DOT=use_dot,
-        IS_FP32=x2.dtype == torch.float32,
-        EXACT_MUL=not interpreter_enabled(),  # inline PTX mul.rn on the GPU only
+        BLOCK_M=plan.block_m,
+        BLOCK_N=plan.block_n,
+        UNROLL=plan.unroll,
+        USE_DOT=plan.use_dot,
+        X_KIND=_X_KIND[x2.dtype],
+        EXACT_MUL=plan.exact_mul,
+        num_warps=plan.num_warps,
+        num_stages=1,
     )
     return y
 
@@ -552,32 +952,45 @@ def _r_pad(r: int) -> int:
     return max(16, next_power_of_2(r))
 
 
-def _lora_down_dropout(x2: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """t = d(x)·Aᵀ with the mask of ``seed`` ([M, r], x2.dtype)."""
+def _mask_words(k: int) -> int:
+    """int32 words of keep bits per row (see the dropout section)."""
+    return 4 * triton.cdiv(k, 128)
+
+
+def _lora_down_dropout(
+    x2: torch.Tensor, a: torch.Tensor, p: float, seed: int, write_bits: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(t = d(x)·Aᵀ [M, r] in x2.dtype, keep bits [M, KW] int32 or None) for ``seed``."""
     m, k = x2.shape
     r = a.shape[0]
     t = torch.empty(m, r, dtype=x2.dtype, device=x2.device)
+    kw = _mask_words(k)
+    bits = torch.empty(m, kw, dtype=torch.int32, device=x2.device) if write_bits else None
     if m == 0:
-        return t
+        return t, bits
     _lora_down_dropout_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
         x2,
         a,
         t,
+        t if bits is None else bits,
         m,
         k,
         r,
         x2.stride(0),
+        32 * triton.cdiv(k, 128),
+        kw,
         seed,
-        p,
+        _dropout_threshold(p),
         _dropout_scale(p),
         R_PAD=_r_pad(r),
         IS_FP32=x2.dtype == torch.float32,
+        WRITE_BITS=bits is not None,
     )
-    return t
+    return t, bits
 
 
 def _lora_grad_a_dropout(
-    u: torch.Tensor, x2: torch.Tensor, p: float, seed: int, scaling: float
+    u: torch.Tensor, x2: torch.Tensor, bits: torch.Tensor, p: float, scaling: float
 ) -> torch.Tensor:
     """s·uᵀ·d(x) in fp32 ([r, K])."""
     m, k = x2.shape
@@ -592,26 +1005,27 @@ def _lora_grad_a_dropout(
     rows_per_split = triton.cdiv(m, n_split)
     n_split = triton.cdiv(m, rows_per_split)
     part = torch.empty(n_split, r, k, dtype=torch.float32, device=x2.device)
-    _lora_grad_a_dropout_kernel[lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), n_split)](
+    _lora_grad_a_dropout_kernel[(triton.cdiv(k, 128), n_split)](
         u,
         x2,
+        bits,
         part,
         m,
         k,
         r,
         x2.stride(0),
+        bits.shape[1],
         rows_per_split,
-        seed,
-        p,
         _dropout_scale(p),
+        scaling,
         R_PAD=_r_pad(r),
         IS_FP32=x2.dtype == torch.float32,
     )
-    return part.sum(0).mul_(scaling)
+    return part[0] if n_split == 1 else part.sum(0)
 
 
 def _lora_grad_x_dropout_(
-    dx: torch.Tensor, u: torch.Tensor, a: torch.Tensor, p: float, seed: int, scaling: float
+    dx: torch.Tensor, u: torch.Tensor, a: torch.Tensor, bits: torch.Tensor, p: float, scaling: float
 ) -> None:
     """dx += s·(u·A) ⊙ mask / (1-p), in place ([M, K], contiguous)."""
     m, k = dx.shape
@@ -619,16 +1033,16 @@ def _lora_grad_x_dropout_(
     if m == 0:
         return
     _lora_grad_x_dropout_kernel[
-        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))
+        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, 128))
     ](
         dx,
         u,
         a,
+        bits,
         m,
         k,
         r,
-        seed,
-        p,
+        bits.shape[1],
         _dropout_scale(p),
         scaling,
         R_PAD=_r_pad(r),
@@ -641,15 +1055,18 @@ def lora_dropout_mask(
 ) -> torch.Tensor:
     """The keep-mask (bool, ``shape`` = (M, K)) that the Triton path draws for ``seed`` and ``p``.
 
-    Element (m, k) is kept when Philox ``rand(seed, m·K + k) >= p``; kept elements are scaled by
-    1/(1 - p). This is how tests (and users) recover the mask a training step used.
+    Element (m, k) with k = 128·g + 32·j + i is kept when output j of Philox4x32-10 at counter
+    m·32·ceil(K/128) + 32·g + i, shifted right by one, is >= ceil(p·2^31); kept elements are
+    scaled by 1/(1 - p). This is how tests (and users) recover the mask a training step used.
     """
     m, k = shape
-    out = torch.empty(m * k, dtype=torch.int8, device=device)
-    block = 1024
+    out = torch.empty(m, k, dtype=torch.int8, device=device)
+    block_m = 16
     if m * k:
-        _dropout_mask_kernel[(triton.cdiv(m * k, block),)](out, m * k, seed, p, BLOCK=block)
-    return out.view(m, k).bool()
+        _dropout_mask_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, 128))](
+            out, m, k, 32 * triton.cdiv(k, 128), seed, _dropout_threshold(p), BLOCK_M=block_m
+        )
+    return out.bool()
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,12 +1075,13 @@ def lora_dropout_mask(
 
 
 def _validate(x, packed, state, lora_a, lora_b, scaling, bias, dropout) -> None:
+    # plain attribute checks only: this runs on every call, so it is kept to a few µs of host time
     check_float(x, "x")
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
     if len(state.shape) != 2:
         raise ValueError(f"state.shape must be [out_features, in_features], got {state.shape}")
-    n, k = (int(d) for d in state.shape)
+    n, k = state.shape
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         raise TypeError("packed must be a uint8 tensor of 4-bit codes")
     if packed.numel() != (n * k + 1) // 2:
@@ -676,10 +1094,12 @@ def _validate(x, packed, state, lora_a, lora_b, scaling, bias, dropout) -> None:
             f"x.shape[-1] must equal in_features={k} of the quantized weight ({n}, {k}), "
             f"got x.shape={tuple(x.shape)}"
         )
-    allowed = (x.dtype, torch.float32)
-    if (lora_a is None) != (lora_b is None):
-        raise ValueError("lora_a and lora_b must be given together (or both None)")
-    if lora_a is not None:
+    dev = packed.device
+    same_device = x.device == dev
+    if lora_a is not None or lora_b is not None:
+        if lora_a is None or lora_b is None:
+            raise ValueError("lora_a and lora_b must be given together (or both None)")
+        allowed = (x.dtype, torch.float32)
         check_float(lora_a, "lora_a", allowed)
         check_float(lora_b, "lora_b", allowed)
         if lora_a.dtype != lora_b.dtype:
@@ -695,16 +1115,19 @@ def _validate(x, packed, state, lora_a, lora_b, scaling, bias, dropout) -> None:
             )
         if lora_a.shape[0] == 0:
             raise ValueError("lora rank r=0: pass lora_a=None, lora_b=None for no adapter")
-        if not math.isfinite(float(scaling)):
+        if not math.isfinite(scaling):
             raise ValueError(f"scaling must be finite, got {scaling}")
+        same_device = same_device and lora_a.device == dev and lora_b.device == dev
     if bias is not None:
-        check_float(bias, "bias", allowed)
+        check_float(bias, "bias", (x.dtype, torch.float32))
         if bias.shape != (n,):
             raise ValueError(f"bias must be (out_features={n},), got {tuple(bias.shape)}")
-    if not 0.0 <= float(dropout) <= 1.0:
+        same_device = same_device and bias.device == dev
+    if not 0.0 <= dropout <= 1.0:
         raise ValueError(f"dropout must be in [0, 1], got {dropout}")
-    check_same_device(x=x, packed=packed, lora_a=lora_a, lora_b=lora_b, bias=bias)
-    if state.absmax.device != packed.device:
+    if not same_device:
+        check_same_device(x=x, packed=packed, lora_a=lora_a, lora_b=lora_b, bias=bias)
+    if state.absmax.device != dev:
         raise ValueError(
             f"quant state tensors are on {state.absmax.device} but packed is on "
             f"{packed.device}: move the state with the weight"
@@ -716,6 +1139,11 @@ def _validate(x, packed, state, lora_a, lora_b, scaling, bias, dropout) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # .to() of a tensor already in dtype still costs a dispatcher round trip: skip it
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class _QLoRALinearFunction(torch.autograd.Function):
     """y2 = x2·Wᵀ + s·(d(x2)·Aᵀ)·Bᵀ + bias on 2-D x2 [M, K]; see the module docstring."""
 
@@ -725,12 +1153,19 @@ class _QLoRALinearFunction(torch.autograd.Function):
         m, k = x2.shape
         n = state.shape[0]
         has_lora = lora_a is not None
-        a = lora_a.to(dt) if has_lora else None
-        b = lora_b.to(dt) if has_lora else None
-        bias_c = bias.to(dt) if bias is not None else None
-        t = None
+        need_x = ctx.needs_input_grad[0]
+        need_a = has_lora and ctx.needs_input_grad[3]
+        need_b = has_lora and ctx.needs_input_grad[4]
+        a = _as(lora_a, dt) if has_lora else None
+        b = _as(lora_b, dt) if has_lora else None
+        bias_c = None if bias is None else _as(bias, dt)
+        t = bits = None
         if has_lora:
-            t = _lora_down_dropout(x2, a, p, seed) if p > 0 else x2 @ a.t()
+            if p > 0:
+                # the keep bits are stored only when a backward kernel will read them
+                t, bits = _lora_down_dropout(x2, a, p, seed, write_bits=need_a or need_x)
+            else:
+                t = x2 @ a.t()
 
         if small_m:
             y = _nf4_matmul_launch(x2, packed, state, bias_c)
@@ -750,62 +1185,62 @@ class _QLoRALinearFunction(torch.autograd.Function):
                 if has_lora:
                     y.addmm_(t, b.t(), alpha=scaling)
 
-        need_a = has_lora and ctx.needs_input_grad[3]
-        need_b = has_lora and ctx.needs_input_grad[4]
         ctx.save_for_backward(
-            x2 if need_a else None,  # only dA reads x (the mask comes from the seed)
+            x2 if need_a else None,  # only dA reads x (the mask comes from the bits)
             t if need_b else None,
+            bits,
             lora_a,
             lora_b,
             packed,
         )
-        ctx.state, ctx.scaling, ctx.p, ctx.seed = state, scaling, p, seed
+        ctx.state, ctx.scaling, ctx.p = state, scaling, p
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x2, t, lora_a, lora_b, packed = ctx.saved_tensors
-        state, s, p, seed = ctx.state, ctx.scaling, ctx.p, ctx.seed
+        x2, t, bits, lora_a, lora_b, packed = ctx.saved_tensors
+        state, s, p = ctx.state, ctx.scaling, ctx.p
         need_x, need_a, need_b = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[3],
             ctx.needs_input_grad[4],
         )
         need_bias = ctx.needs_input_grad[6]
-        g = gy.contiguous()
+        g = gy if gy.is_contiguous() else gy.contiguous()
         dt = g.dtype
         m, n = g.shape
         k = state.shape[1]
         has_lora = lora_a is not None
         dx = da = db = dbias = None
 
-        u = None
+        u = a = None
         if has_lora and (need_x or need_a):
-            u = g @ lora_b.to(dt)  # [M, r], shared by dX and dA
+            u = g @ _as(lora_b, dt)  # [M, r], shared by dX and dA
+            a = _as(lora_a, dt)
         if need_x:
             w = dequant_workspace(packed, state, dt)
             if has_lora and p == 0:
                 # dX = s·u·A + dY·W: the skinny GEMM writes, the big one accumulates (beta=1)
                 dx = torch.empty(m, k, dtype=dt, device=g.device)
-                dx.addmm_(u, lora_a.to(dt), beta=0, alpha=s)
+                dx.addmm_(u, a, beta=0, alpha=s)
                 dx.addmm_(g, w)
             else:
                 dx = g @ w
                 if has_lora:
                     # the adapter saw d(x): its input gradient is masked and scaled like x was
-                    _lora_grad_x_dropout_(dx, u, lora_a.to(dt), p, seed, s)
+                    _lora_grad_x_dropout_(dx, u, a, bits, p, s)
         if need_a:
             if p > 0:
-                da = _lora_grad_a_dropout(u, x2, p, seed, s)
+                da = _lora_grad_a_dropout(u, x2, bits, p, s)
             else:
                 da = torch.empty(u.shape[1], k, dtype=dt, device=g.device)
                 da.addmm_(u.t(), x2, beta=0, alpha=s)
-            da = da.to(lora_a.dtype)
+            da = _as(da, lora_a.dtype)
         if need_b:
             db = torch.empty(n, t.shape[1], dtype=dt, device=g.device)
             db.addmm_(g.t(), t, beta=0, alpha=s)
-            db = db.to(lora_b.dtype)
+            db = _as(db, lora_b.dtype)
         if need_bias:
             dbias = g.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return dx, None, None, da, db, None, dbias, None, None, None
@@ -881,13 +1316,15 @@ def qlora_linear(
     (see :func:`lora_dropout_mask`), otherwise a seed is drawn from the CPU generator.
     Without an adapter (lora_a = lora_b = None) this is the frozen 4-bit linear.
     """
+    scaling = float(scaling)
+    dropout = float(dropout)
     _validate(x, packed, state, lora_a, lora_b, scaling, bias, dropout)
     has_lora = lora_a is not None
-    p = float(dropout) if (training and has_lora) else 0.0
+    p = dropout if (training and has_lora) else 0.0
     if not use_triton(x, packed, lora_a, lora_b, bias):
         return qlora_linear_ref(x, packed, state, lora_a, lora_b, scaling, bias, p, True)
-    n, k = (int(d) for d in state.shape)
-    x2 = x.reshape(-1, k)
+    n, k = state.shape
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != k):
         x2 = x2.contiguous()
     seed = 0
@@ -895,9 +1332,9 @@ def qlora_linear(
         seed = _draw_seed() if dropout_seed is None else int(dropout_seed)
     small_m = x2.shape[0] <= NF4_MATMUL_MAX_M and nf4_matmul_supported(k, state)
     y2 = _QLoRALinearFunction.apply(
-        x2, packed, state, lora_a, lora_b, float(scaling), bias, p, seed, small_m
+        x2, packed, state, lora_a, lora_b, scaling, bias, p, seed, small_m
     )
-    return y2.view(*x.shape[:-1], n)
+    return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], n)
 
 
 def nf4_matmul(
@@ -915,7 +1352,7 @@ def nf4_matmul(
     use :func:`qlora_linear` for training.
     """
     _validate(x, packed, state, None, None, 1.0, bias, 0.0)
-    n, k = (int(d) for d in state.shape)
+    n, k = state.shape
     out_shape = (*x.shape[:-1], n)
     if out is not None and (
         tuple(out.shape) != out_shape or out.dtype != x.dtype or not out.is_contiguous()
@@ -924,16 +1361,17 @@ def nf4_matmul(
             f"out must be a contiguous {out_shape} tensor of {x.dtype}, got "
             f"{tuple(out.shape)} of {out.dtype}"
         )
-    x2 = x.reshape(-1, k).contiguous()
-    y2 = None if out is None else out.view(-1, n)
-    bias_c = bias.to(x.dtype) if bias is not None else None
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    y2 = None if out is None else (out if out.dim() == 2 else out.view(-1, n))
+    bias_c = None if bias is None else _as(bias, x.dtype)
     if use_triton(x, packed, bias) and nf4_matmul_supported(k, state):
         y2 = _nf4_matmul_launch(x2, packed, state, bias_c, y2)
     else:
+        x2 = x2.contiguous()
         w = dequantize_4bit(packed, state, dtype=torch.float32).to(x.dtype)
         res = torch.addmm(bias_c, x2, w.t()) if bias_c is not None else x2 @ w.t()
         y2 = res if y2 is None else y2.copy_(res)
-    return y2.view(out_shape)
+    return y2 if x.dim() == 2 else y2.view(out_shape)
 
 
 # --------------------------------------------------------------------------------------------

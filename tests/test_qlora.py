@@ -7,8 +7,10 @@ forced (the interpreter on CPU), in fp32 and fp16; bf16 and real shapes are GPU 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -315,6 +317,60 @@ def test_dropout_edge_cases():
             qlora_linear(x, packed, state, a, b, 1.0, dropout=bad)
 
 
+def _philox4x32_10(ctr: np.ndarray, seed: int) -> list[np.ndarray]:
+    """Philox4x32-10 of counters (ctr, 0, 0, 0) (ctr < 2^32) and key (seed, 0), in numpy."""
+    mask = np.uint64(0xFFFFFFFF)
+    c0, c1 = ctr.astype(np.uint64), np.zeros_like(ctr, dtype=np.uint64)
+    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    a, b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        pa, pb = a * c0, b * c2  # < 2^64: exact in uint64
+        c0, c1, c2, c3 = (
+            (pb >> np.uint64(32)) ^ c1 ^ k0,
+            pb & mask,
+            (pa >> np.uint64(32)) ^ c3 ^ k1,
+            pa & mask,
+        )
+        k0 = (k0 + np.uint64(0x9E3779B9)) & mask
+        k1 = (k1 + np.uint64(0xBB67AE85)) & mask
+    return [c0, c1, c2, c3]
+
+
+def test_dropout_mask_follows_documented_philox_mapping():
+    # element (m, k = 128g + 32j + i) is kept when Philox output j of counter m*KC + 32g + i,
+    # shifted right once, is >= ceil(p * 2^31); KC = 32 * ceil(K / 128)
+    dev = kernel_device()
+    m, k, p, seed = 5, 200, 0.3, 12345
+    with qkern.backend("triton"):
+        keep = lora_dropout_mask(seed, (m, k), p, dev).cpu().numpy()
+    kc = 32 * math.ceil(k / 128)
+    rows, cols = np.meshgrid(np.arange(m), np.arange(k), indexing="ij")
+    g, j, i = cols // 128, (cols % 128) // 32, cols % 32
+    outs = _philox4x32_10((rows * kc + 32 * g + i).ravel(), seed)
+    r = np.choose(j.ravel(), outs).reshape(m, k)
+    want = (r >> np.uint64(1)) >= np.uint64(math.ceil(p * 2**31))
+    assert np.array_equal(keep, want)
+
+
+def test_dropout_forward_bits_match_mask():
+    # the forward stores the mask as bits (word m*KW + k // 32, bit k % 32) for the backward
+    dev = kernel_device()
+    m, k, r, p, seed = 37, 200, 3, 0.4, 99
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).to(dev)
+    a = torch.randn(r, k, generator=g).to(dev)
+    with qkern.backend("triton"):
+        t, bits = qlora._lora_down_dropout(x, a, p, seed)
+        keep = lora_dropout_mask(seed, (m, k), p, dev)
+    assert bits.shape == (m, 4 * math.ceil(k / 128)) and bits.dtype == torch.int32
+    col = torch.arange(k)
+    unpacked = (bits.cpu()[:, col // 32] >> (col % 32)) & 1
+    assert torch.equal(unpacked.bool(), keep.cpu())
+    xd = torch.where(keep, x / (1 - p), 0.0)
+    assert_close_rule(t, xd.double().cpu() @ a.double().cpu().t(), atol=1e-4)
+
+
 def test_dropout_seed_follows_torch_seed():
     dev = kernel_device()
     packed, state, _ = _weight(12, 64, device=dev)
@@ -378,6 +434,31 @@ def test_nf4_matmul_dequantizes_exactly(dtype, dq):
         y1 = nf4_matmul(x[3:4], packed, state)  # the single-row (FMA) variant
     assert torch.equal(y.cpu(), w[:, cols].t())
     assert torch.equal(y1.cpu(), w[:, cols[3:4]].t())
+
+
+def test_nf4_matmul_strided_and_misaligned_inputs():
+    # x is read as two-element words: a row stride != K or an odd element offset goes through a
+    # contiguous copy; the code table must sit at a 64-byte aligned address (else it is copied);
+    # the results are the same as for aligned, contiguous inputs
+    dev = kernel_device()
+    n, k = 24, 128
+    packed, state, _ = _weight(n, k, seed=3, device=dev)
+    base = torch.randn(6, k + 1, device=dev, dtype=torch.float16)
+    x = base[:, 1:]  # stride (k + 1, 1), storage offset 1
+    with qkern.backend("triton"):
+        y = nf4_matmul(x, packed, state)
+        y_ref = nf4_matmul(x.contiguous(), packed, state)
+        y1 = nf4_matmul(x[2], packed, state)  # 1-D input, odd offset
+    assert torch.equal(y, y_ref)
+    # a code table at an address that is not 64-byte aligned (sliced out of a bigger buffer)
+    code = torch.cat([torch.zeros(1, device=dev), state.code])[1:]
+    assert code.data_ptr() % 64 != 0
+    with qkern.backend("triton"):
+        y_code = nf4_matmul(x, packed, dataclasses.replace(state, code=code))
+    assert torch.equal(y_code, y_ref)
+    assert y1.shape == (n,)
+    # another M may split K differently (another fp32 summation order): close, not bit-equal
+    torch.testing.assert_close(y1, y_ref[2], rtol=2e-3, atol=2e-2)
 
 
 def test_nf4_matmul_unsupported_k_falls_back():
