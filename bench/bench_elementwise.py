@@ -1,24 +1,34 @@
 """RMSNorm, RoPE, SwiGLU forward+backward, and the fused LoRA MLP block's activation memory.
 
-Floors (H100: ~3000 GB/s copy, ~700 TFLOP/s bf16 matmul; the larger floor is the bound):
+Floors (H200 as measured in the suite: ~4270 GB/s copy, ~690 TFLOP/s bf16 matmul; H100: ~3000
+GB/s, ~700 TFLOP/s; the larger floor is the bound):
 
 * RMSNorm 16384 x 4096 bf16, fwd+bwd: bytes = fwd (read x, write y) + bwd (read x, dy, write
-  dx) = 5 x 128 MiB = 671 MB -> 0.224 ms; FLOPs ~10 per element = 0.7 GFLOP -> 1 µs. Bytes bound.
-  (dW adds a 4096-float partial per program: a few MB.)
+  dx) = 5 x 128 MiB = 671 MB -> 0.157 ms on H200 (0.224 ms on H100); FLOPs ~10 per element =
+  0.7 GFLOP -> 1 us. Bytes bound. (dW adds a 4096-float partial per program: a few MB.)
 * RoPE q (8, 2048, 32, 128), k (8, 2048, 8, 128) bf16, fwd+bwd: q+k = 168 MB, read and written
   in each pass = 671 MB, plus the float32 cos/sin tables (8, 2048, 64) read in each pass = 17 MB:
-  688 MB -> 0.229 ms; FLOPs 6 per element pair: negligible. Bytes bound.
+  688 MB -> 0.161 ms (0.229 ms); FLOPs 6 per element pair: negligible. Bytes bound.
 * SwiGLU (16384, 14336) bf16, fwd+bwd: one tensor is 470 MB; fwd reads 2 writes 1, bwd reads 3
-  writes 2: 8 x 470 MB = 3.76 GB -> 1.25 ms; FLOPs ~20 per element = 4.7 GFLOP -> 7 µs.
+  writes 2: 8 x 470 MB = 3.76 GB -> 0.88 ms (1.25 ms); FLOPs ~20 per element = 4.7 GFLOP -> 7 us.
 * Fused LoRA MLP, Llama-3-8B shapes (M=8192 tokens, 4096 -> 14336 -> 4096, r=16, NF4):
   the unavoidable GEMMs are 3 forward + 3 backward (dh, dx via gate, dx via up) of
-  2·M·4096·14336 FLOPs = 5.77 TFLOP -> 8.2 ms; recomputing gate/up adds 2 more (+33%). The
-  memory row reports the activation bytes each variant keeps between forward and backward.
+  2·M·4096·14336 FLOPs = 5.77 TFLOP -> 8.4 ms (8.2 ms); recomputing gate/up adds 2 more (+33%).
+  The memory row reports the activation bytes each variant keeps between forward and backward.
+
+Two timings per provider for the bandwidth-bound ops. The plain row times the eager call (Python,
+autograd and kernel launches included, as a training step pays them): when the host needs longer
+to issue a call than the GPU needs to run it, that row measures the host. Its ``host_ms`` is the
+host time of one call alone (calls issued without waiting for the GPU). The ``-graph`` row
+replays the same fwd+bwd captured once in a CUDA graph, which removes the per-call host work:
+it is the kernels' GPU time, the number to hold against the bandwidth floor.
 
 Every case checks the timed qkern output once against the reference (rel. error in ``extra``).
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -35,6 +45,69 @@ BF16 = torch.bfloat16
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.detach().double(), ref.detach().double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _graph_ms(step) -> float | None:
+    """Median ms of ``step`` replayed from a CUDA graph (its GPU time without per-call host work),
+    or None when it cannot be captured. ``step`` must have run before (compiled, autotuned)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        ms = bench_ms(graph.replay)
+        del graph
+        return ms
+    except Exception:  # a provider that syncs with the host or is otherwise not capturable
+        try:
+            torch.cuda.synchronize()
+        except Exception:
+            pass
+        return None
+
+
+def _host_ms(step, calls: int = 10, repeats: int = 5) -> float:
+    """Host time of one call of ``step``: wall time of a few calls issued back to back without
+    waiting for the GPU (kernel launches are asynchronous and a few dozen fit in the launch
+    queue, so the host never blocks), best of ``repeats``."""
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e3)
+        torch.cuda.synchronize()
+    return best
+
+
+def _time(
+    rows: list[Row],
+    bench: str,
+    case: str,
+    name: str,
+    step,
+    nbytes: float,
+    extra: dict,
+    rep: int = 100,
+) -> None:
+    """Append the eager row of ``step`` (with its host time per call in ``extra``) and, for
+    qkern and liger, its ``-graph`` row."""
+    ms = bench_ms(step, rep=rep)
+    extra = {**extra, "host_ms": _host_ms(step)}
+    rows.append(Row(bench, case, name, ms, bytes=nbytes, extra=extra))
+    if name in ("qkern", "liger"):
+        gms = _graph_ms(step)
+        if gms is not None:
+            rows.append(
+                Row(bench, case, f"{name}-graph", gms, bytes=nbytes, extra={"eager_ms": ms})
+            )
+        torch.cuda.empty_cache()
 
 
 def _fwd_bwd(fn, inputs, grads):
@@ -76,9 +149,8 @@ def _bench_rms_norm(rows: list[Row]) -> None:
         for name, fn in providers.items():
             # liger's default backward writes dx over dy: give it its own copy
             grad = dy.clone() if name == "liger" else dy
-            ms = bench_ms(_fwd_bwd(fn, (x, w), (grad,)))
             extra = {"rel_err": err} if name == "qkern" else {}
-            rows.append(Row("rms_norm", case, name, ms, bytes=nbytes, extra=extra))
+            _time(rows, "rms_norm", case, name, _fwd_bwd(fn, (x, w), (grad,)), nbytes, extra)
 
 
 def _bench_rope(rows: list[Row]) -> None:
@@ -111,9 +183,8 @@ def _bench_rope(rows: list[Row]) -> None:
         pass
     for name, fn in providers.items():
         grads = (dq, dk) if name != "liger" else (dq.transpose(1, 2), dk.transpose(1, 2))
-        ms = bench_ms(_fwd_bwd(fn, (q, k, cos, sin), grads))
         extra = {"rel_err": err} if name == "qkern" else {}
-        rows.append(Row("rope", case, name, ms, bytes=nbytes, extra=extra))
+        _time(rows, "rope", case, name, _fwd_bwd(fn, (q, k, cos, sin), grads), nbytes, extra)
 
 
 def _bench_swiglu(rows: list[Row]) -> None:
@@ -133,9 +204,9 @@ def _bench_swiglu(rows: list[Row]) -> None:
     except Exception:  # liger-kernel not installed
         pass
     for name, fn in providers.items():
-        ms = bench_ms(_fwd_bwd(fn, (gate, up), (dh,)), rep=50)
         extra = {"rel_err": err} if name == "qkern" else {}
-        rows.append(Row("swiglu", case, name, ms, bytes=nbytes, extra=extra))
+        step = _fwd_bwd(fn, (gate, up), (dh,))
+        _time(rows, "swiglu", case, name, step, nbytes, extra, rep=50)
         torch.cuda.empty_cache()
 
 

@@ -18,11 +18,11 @@ treated as identity for dx, as autograd does through HF's casts):
     dw = sum over rows of dy * round_to(x.dtype, xhat)     # the factor the forward multiplied w by
 
 dw is accumulated per program over a contiguous block of rows into a float32 partial buffer of
-shape (programs, N) and reduced once afterwards: no atomics. The number of programs (2 to 16 per
-SM, tuned) trades load overlap against partial-buffer traffic: 132 SMs * 4 * 4096 * 4 B = 8.6 MB
-written and read back, against 671 MB moved by fwd+bwd at 16384 x 4096 bf16. When the weight
-does not require a gradient (frozen norms in QLoRA) the backward only computes dx, one row per
-program.
+shape (programs, N) and reduced once afterwards: no atomics, deterministic. The number of programs
+(2 to 8 per SM, tuned) trades load overlap against partial-buffer traffic: 132 SMs * 4 * 4096 *
+4 B = 8.6 MB written and read back, against 671 MB moved by fwd+bwd at 16384 x 4096 bf16. When
+the weight does not require a gradient (frozen norms in QLoRA) the backward is a separate
+straight-line kernel computing dx only, one row per program like the forward.
 
 Limits: x of any leading shape with a last dimension of at most 65536 elements (one row is held in
 registers; efficient up to ~16K); dtypes float16, bfloat16, float32, float64 (weight of any of
@@ -32,6 +32,8 @@ reference) and rstd (4 B per row).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -43,12 +45,15 @@ from qkern._backend import use_triton as _use_triton
 MAX_WIDTH = 65536
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Backward with dW: P programs per SM each loop over a contiguous block of rows and keep one
-# float32 dW partial row. More programs overlap more loads with the per-row reductions (and fill
-# the last wave better) but write and re-read a larger partial buffer: at N=4096, 132 SMs, 16
-# per SM is 2112 x 16 KiB = 35 MB written + read, 10% of the 671 MB the op moves; 2 per SM is
-# 1.3%. The tuner picks P together with num_warps; the host reads the choice back to know how
-# many partial rows to reduce.
-_BWD_PROGRAMS_PER_SM = (4, 2, 8, 16)
+# float32 dW partial row. P must cover what the SM can keep resident (registers: a 4096-wide row
+# pair in flight plus w and the dW accumulator is ~100 registers per thread at 8 warps, so ~2
+# programs of 8 warps fit) while the partial buffer stays small: at N=4096 and 132 SMs, P=4 writes
+# 528 x 16 KiB = 8.6 MB and reads it back, 2.6% of the 671 MB fwd+bwd moves; P=8 doubles that.
+# The tuner picks P with num_warps; the host reads the choice back to know how many partial rows
+# to reduce.
+_BWD_DW_CONFIGS = [(4, 8), (2, 8), (2, 16), (8, 8)]  # (programs per SM, num_warps)
+_BWD_DW_MAX_PER_SM = max(p for p, _ in _BWD_DW_CONFIGS)
+_sms_cache: dict[tuple[str, int | None], int] = {}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,15 +64,38 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _sms(device: torch.device) -> int:
+    """SM count of ``device``, cached (the property lookup costs microseconds per call)."""
+    key = (device.type, device.index)
+    sms = _sms_cache.get(key)
+    if sms is None:
+        sms = _sms_cache[key] = num_sms(device if device.type == "cuda" else None)
+    return sms
+
+
+@functools.lru_cache(maxsize=64)
+def _row_tile(n: int) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS, num_warps) for a program holding ROWS whole rows of width n in registers.
+
+    Wide rows (hidden sizes) get one row per program: BLOCK_N = next_pow2(n), so a 4096-wide
+    bf16 row is one 8 KiB load. Narrow rows (head-dim norms, tests) are packed until a program
+    holds ~2048 elements, else most lanes would idle. num_warps gives each thread ~16 values per
+    row tensor (a 4096 row: 8 warps x 32 lanes x 16; two 16-byte loads per thread in bf16).
+    These kernels are straight-line streams (load, reduce, store), bandwidth bound whatever the
+    exact warp count, so the choice is fixed rather than tuned: an autotuned launch costs extra
+    host time per call, and at 16384 x 4096 one kernel runs ~0.06-0.1 ms on the GPU.
+    """
+    block_n = next_power_of_2(n)
+    rows = max(1, min(64, 2048 // block_n))
+    num_warps = min(32, max(4, rows * block_n // 512))
+    return block_n, rows, num_warps
+
+
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.autotune(
-    configs=pick_configs([triton.Config({}, num_warps=w) for w in (4, 8, 16, 2)]),
-    key=["N", "ROWS", "BLOCK_N"],
-)
 @triton.jit
 def _rms_norm_fwd_kernel(
     X,
@@ -93,27 +121,65 @@ def _rms_norm_fwd_kernel(
     mask = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
     x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
     mean_sq = tl.sum(x * x, axis=1) / N
     rstd = 1.0 / tl.sqrt(mean_sq + eps)
     xhat = (x * rstd[:, None]).to(Y.dtype.element_ty).to(ACC)
-    w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
     y = xhat * w[None, :]
     tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=rmask)
 
 
+@triton.jit
+def _dx_tile(x, dy, w, rstd, N):
+    """dx = rstd*(g - xhat*sum(g*xhat)/N) per row of a (ROWS, BLOCK_N) tile, g = dy*w,
+    xhat = x*rstd (unrounded: autograd differentiates the float32 math). Returns (dx, xhat)."""
+    xhat = x * rstd[:, None]
+    g = dy * w[None, :]
+    c = tl.sum(g * xhat, axis=1) / N
+    return (g - xhat * c[:, None]) * rstd[:, None], xhat
+
+
+@triton.jit
+def _rms_norm_bwd_dx_kernel(
+    DY,
+    X,
+    W,
+    RSTD,
+    DX,
+    M,
+    N,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Backward without dW (frozen weight): ROWS rows per program, like the forward; dx only."""
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
+    dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(ACC)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
+    rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+    dx, _ = _dx_tile(x, dy, w, rstd, N)
+    tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
 @triton.autotune(
     configs=pick_configs(
-        [
-            triton.Config({"PROGRAMS_PER_SM": p}, num_warps=w)
-            for p in _BWD_PROGRAMS_PER_SM
-            for w in (8, 4, 16)
-        ]
+        [triton.Config({"PROGRAMS_PER_SM": p}, num_warps=w) for p, w in _BWD_DW_CONFIGS]
     ),
-    key=["N", "BLOCK_N", "COMPUTE_DW"],
+    key=["N", "BLOCK_N", "ROWS"],
 )
 @triton.jit
-def _rms_norm_bwd_kernel(
+def _rms_norm_bwd_dw_kernel(
     DY,
     X,
     W,
@@ -126,38 +192,48 @@ def _rms_norm_bwd_kernel(
     stride_x,
     stride_dx,
     ACC: tl.constexpr,
-    COMPUTE_DW: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,  # sets the grid (host side) only
 ):
-    """Program p of P handles rows [p*R, min((p+1)*R, M)), R = cdiv(M, P). Per row, with
-    g = dy*w and xhat = x*rstd (unrounded, as autograd differentiates the float32 math):
-    dx = rstd*(g - xhat*sum(g*xhat)/N).
-    With COMPUTE_DW it also sums dy*round(xhat) over its rows (the forward multiplied w by the
-    rounded xhat) and stores that partial dW row at DW_PART[p, :] (float32/ACC)."""
+    """Backward with dW. Program p of P handles rows [p*R, min((p+1)*R, M)), R = a multiple of
+    ROWS near M/P, ROWS rows per step; w is loaded once per program. Per row dx as in _dx_tile;
+    dw_p = sum over its rows of dy*round(xhat) (the forward multiplied w by the rounded xhat),
+    stored at DW_PART[p, :] in ACC; the host sums the P partial rows.
+
+    The next step's x and dy are loaded before the current step is reduced and stored, so each
+    program keeps one row pair (16 KiB at 4096 bf16) in flight while it computes: a plain loop
+    would wait a full memory latency per row."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
+    r = tl.arange(0, ROWS)
     w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
     dw = tl.zeros([BLOCK_N], dtype=ACC)
-    rows_per_program = tl.cdiv(M, tl.num_programs(0))
-    row_start = pid.to(tl.int64) * rows_per_program
-    n_rows = tl.minimum(row_start + rows_per_program, M) - row_start  # may be <= 0: no rows
-    for i in range(0, n_rows):
-        row64 = row_start + i
-        x = tl.load(X + row64 * stride_x + cols, mask=cmask, other=0.0).to(ACC)
-        dy = tl.load(DY + row64 * stride_dy + cols, mask=cmask, other=0.0).to(ACC)
-        rstd = tl.load(RSTD + row64)
-        xhat = x * rstd
-        g = dy * w
-        c = tl.sum(g * xhat, axis=0) / N
-        dx = (g - xhat * c) * rstd
-        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=cmask)
-        if COMPUTE_DW:
-            # the forward multiplied w by xhat rounded to x's dtype
-            dw += dy * xhat.to(X.dtype.element_ty).to(ACC)
-    if COMPUTE_DW:
-        tl.store(DW_PART + pid.to(tl.int64) * N + cols, dw, mask=cmask)
+    rows_per_program = tl.cdiv(tl.cdiv(M, tl.num_programs(0)), ROWS) * ROWS
+    start = pid.to(tl.int64) * rows_per_program
+    end = tl.minimum(start + rows_per_program, M)  # start >= end: no rows, dw_p = 0
+    first = start + r
+    fmask = (first < end)[:, None] & cmask[None, :]
+    x_next = tl.load(X + first[:, None] * stride_x + cols[None, :], mask=fmask, other=0.0)
+    dy_next = tl.load(DY + first[:, None] * stride_dy + cols[None, :], mask=fmask, other=0.0)
+    for i in range(0, tl.cdiv(end - start, ROWS)):
+        x = x_next.to(ACC)
+        dy = dy_next.to(ACC)
+        rows = start + i * ROWS + r
+        rmask = rows < end
+        nxt = rows + ROWS
+        nmask = (nxt < end)[:, None] & cmask[None, :]
+        x_next = tl.load(X + nxt[:, None] * stride_x + cols[None, :], mask=nmask, other=0.0)
+        dy_next = tl.load(DY + nxt[:, None] * stride_dy + cols[None, :], mask=nmask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        dx, xhat = _dx_tile(x, dy, w, rstd, N)
+        mask = rmask[:, None] & cmask[None, :]
+        dx_ptrs = DX + rows[:, None] * stride_dx + cols[None, :]
+        tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask)
+        # rows past the end were loaded as 0 (x, dy and rstd), so they add nothing
+        dw += tl.sum(dy * xhat.to(X.dtype.element_ty).to(ACC), axis=0)
+    tl.store(DW_PART + pid.to(tl.int64) * N + cols, dw, mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,17 +242,14 @@ def _rms_norm_bwd_kernel(
 
 
 def _rows_2d(t: torch.Tensor, n: int) -> torch.Tensor:
-    """t as (rows, n) with unit stride along n (a view when possible, else a copy)."""
+    """t as (rows, n) with unit stride along n: t itself when it already is, else a view, else a
+    copy. Returning t unchanged for 2-D input skips a view op per call (host time counts here)."""
+    if t.dim() == 2 and (n == 1 or t.stride(1) == 1):
+        return t
     t2 = t.reshape(-1, n)
     if n > 1 and t2.stride(1) != 1:
         t2 = t2.contiguous()
     return t2
-
-
-def _fwd_rows_per_program(block_n: int) -> int:
-    # Narrow rows (head-dim norms, tests) would leave most lanes idle with one row per program:
-    # pack rows until a program holds ~2048 elements. Wide rows (hidden sizes) get one row each.
-    return max(1, min(64, 2048 // block_n))
 
 
 def _rms_norm_fwd(
@@ -189,17 +262,15 @@ def _rms_norm_fwd(
     """y (M, N) and rstd (M,) for 2-D x2 with unit stride along N; ``y``/``rstd`` may be given."""
     m, n = x2.shape
     if y is None:
-        y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+        y = x2.new_empty((m, n))
     if rstd is None:
-        rstd = torch.empty((m,), dtype=_acc_dtype(x2.dtype), device=x2.device)
+        rstd = x2.new_empty((m,), dtype=_acc_dtype(x2.dtype))
     if m == 0:
         return y, rstd
-    block_n = next_power_of_2(n)
-    rows = _fwd_rows_per_program(block_n)
-    grid = (triton.cdiv(m, rows),)
-    _rms_norm_fwd_kernel[grid](
-        x2, weight, y, rstd, m, n, x2.stride(0), y.stride(0), float(eps),
-        ACC=_tl_acc(x2.dtype), ROWS=rows, BLOCK_N=block_n,
+    block_n, rows, num_warps = _row_tile(n)
+    _rms_norm_fwd_kernel[(-(-m // rows),)](
+        x2, weight, y, rstd, m, n, x2.stride(0), y.stride(0), eps,
+        ACC=_tl_acc(x2.dtype), ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
     )  # fmt: skip
     return y, rstd
 
@@ -215,49 +286,53 @@ def _rms_norm_bwd(
     """dx (M, N), and dw (N,) in weight's dtype when ``compute_dw``; ``dx`` may be given."""
     m, n = x2.shape
     if dx is None:
-        dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+        dx = x2.new_empty((m, n))
     if m == 0:
-        dw = torch.zeros_like(weight) if compute_dw else None
-        return dx, dw
-    block_n = next_power_of_2(n)
-    sms = num_sms(x2.device)
-
-    def programs(per_sm: int) -> int:
-        # without dW there is no partial buffer to keep small: one row per program
-        return min(m, per_sm * sms) if compute_dw else m
-
-    acc = _acc_dtype(x2.dtype)
-    max_programs = programs(max(_BWD_PROGRAMS_PER_SM))
-    part = torch.empty((max_programs, n) if compute_dw else (1,), dtype=acc, device=x2.device)
-    _rms_norm_bwd_kernel[lambda meta: (programs(meta["PROGRAMS_PER_SM"]),)](
-        dy2, x2, weight, rstd, dx, part, m, n,
-        dy2.stride(0), x2.stride(0), dx.stride(0),
-        ACC=_tl_acc(x2.dtype), COMPUTE_DW=compute_dw, BLOCK_N=block_n,
+        return dx, (torch.zeros_like(weight) if compute_dw else None)
+    block_n, rows, num_warps = _row_tile(n)
+    acc = _tl_acc(x2.dtype)
+    if not compute_dw:
+        _rms_norm_bwd_dx_kernel[(-(-m // rows),)](
+            dy2, x2, weight, rstd, dx, m, n, dy2.stride(0), x2.stride(0), dx.stride(0),
+            ACC=acc, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+        )  # fmt: skip
+        return dx, None
+    steps = -(-m // rows)  # plain ints: triton.cdiv is a slower call on some Triton versions
+    sms = _sms(x2.device)
+    # the partial buffer is sized for the largest P a config may pick; only `used` rows are summed
+    part = x2.new_empty((min(steps, _BWD_DW_MAX_PER_SM * sms), n), dtype=_acc_dtype(x2.dtype))
+    _rms_norm_bwd_dw_kernel[lambda meta: (min(steps, meta["PROGRAMS_PER_SM"] * sms),)](
+        dy2, x2, weight, rstd, dx, part, m, n, dy2.stride(0), x2.stride(0), dx.stride(0),
+        ACC=acc, ROWS=rows, BLOCK_N=block_n,
     )  # fmt: skip
-    dw = None
-    if compute_dw:
-        used = programs(_rms_norm_bwd_kernel.best_config.kwargs["PROGRAMS_PER_SM"])
-        dw = part[:used].sum(0).to(weight.dtype)
-    return dx, dw
+    used = min(steps, _rms_norm_bwd_dw_kernel.best_config.kwargs["PROGRAMS_PER_SM"] * sms)
+    dw = part[:used].sum(0)
+    return dx, (dw if dw.dtype == weight.dtype else dw.to(weight.dtype))
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton RMSNorm kernels. Saves x and rstd (one float per row)."""
+    """Autograd wrapper of the Triton RMSNorm kernels. Saves x and rstd (one float per row).
+
+    The host path is kept to the two kernel launches plus output allocations (and the dW partial
+    sum): on a fast GPU the whole fwd+bwd of a 16384 x 4096 bf16 norm is ~0.2 ms of kernel time,
+    so every torch op or autotuner dispatch per call shows up in the step time."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        n = x.shape[-1]
-        x2 = _rows_2d(x, n)
+        x2 = _rows_2d(x, x.shape[-1])
         y, rstd = _rms_norm_fwd(x2, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
-        return y.view(x.shape)
+        return y if x2 is x else y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2, weight, rstd = ctx.saved_tensors
         dy2 = _rows_2d(dy, x2.shape[1])
         dx, dw = _rms_norm_bwd(dy2, x2, weight, rstd, compute_dw=ctx.needs_input_grad[1])
-        dx = dx.view(dy.shape) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[0]:
+            dx = None
+        elif dy2 is not dy:
+            dx = dx.view(dy.shape)
         return dx, dw, None
 
 
@@ -287,7 +362,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
         )
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    check_same_device(x=x, weight=weight)
+    if x.device != weight.device:
+        check_same_device(x=x, weight=weight)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -34,13 +34,14 @@ in bf16 for Hq=32); one program per token loads its cos/sin row once for all hea
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from qkern._backend import check_float, check_same_device, next_power_of_2, pick_configs
+from qkern._backend import check_float, check_same_device, next_power_of_2
 from qkern._backend import use_triton as _use_triton
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -138,43 +139,13 @@ def rope_cos_sin(
 
 
 @triton.jit
-def _rotate_heads(
-    IN,
-    OUT,
-    b,
-    s,
-    H,
-    stride_ib,
-    stride_is,
-    stride_ih,
-    stride_ob,
-    stride_os,
-    stride_oh,
-    cos,
-    sin,
-    d,
-    dmask,
-    HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    """Rotate all H heads of token (b, s): out1 = x1*cos - x2*sin, out2 = x2*cos + x1*sin."""
+def _head_ptrs(PTR, b, s, H, stride_b, stride_s, stride_h, d, dmask, BLOCK_H: tl.constexpr):
+    """Pointers to the first half (x1) of every head of token (b, s), and the (heads, D/2) mask."""
     h = tl.arange(0, BLOCK_H)
     mask = (h < H)[:, None] & dmask[None, :]
-    src = IN + b * stride_ib + s * stride_is + h[:, None] * stride_ih + d[None, :]
-    dst = OUT + b * stride_ob + s * stride_os + h[:, None] * stride_oh + d[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(cos.dtype)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(cos.dtype)
-    o1 = x1 * cos[None, :] - x2 * sin[None, :]
-    o2 = x2 * cos[None, :] + x1 * sin[None, :]
-    tl.store(dst, o1.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, o2.to(OUT.dtype.element_ty), mask=mask)
+    return PTR + b * stride_b + s * stride_s + h[:, None] * stride_h + d[None, :], mask
 
 
-@triton.autotune(
-    configs=pick_configs([triton.Config({}, num_warps=w) for w in (4, 2, 8)]),
-    key=["HQ", "HK", "HALF"],
-    restore_value=["Q", "K"],  # in-place calls overwrite q and k while the tuner re-runs them
-)
 @triton.jit
 def _rope_kernel(
     Q,
@@ -208,37 +179,102 @@ def _rope_kernel(
     BLOCK_HK: tl.constexpr,
 ):
     """One program per token (b, s): loads cos/sin[b, s, :] once and rotates every head of q and
-    of k by theta (BACKWARD: by -theta, i.e. sin negated). Arithmetic in ACC."""
+    of k, out1 = x1*cos - x2*sin, out2 = x2*cos + x1*sin (BACKWARD: by -theta, sin negated).
+    Arithmetic in ACC, one rounding per output.
+
+    All four input tiles (q and k, both halves: (Hq + Hk) * D elements, 10 KiB at 32 + 8 heads of
+    128 in bf16) are loaded before any is rotated and stored, so a program has its whole token in
+    flight at once. Each half-row is D/2 contiguous elements, so loads and stores are 16-byte
+    vectors along D."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // S
     s = pid % S
     d = tl.arange(0, BLOCK_HALF)
     dmask = d < HALF
-    cos = tl.load(COS + b * stride_cb + s * stride_cs + d, mask=dmask, other=0.0).to(ACC)
-    sin = tl.load(SIN + b * stride_cb + s * stride_cs + d, mask=dmask, other=0.0).to(ACC)
+    q_src, q_mask = _head_ptrs(Q, b, s, HQ, stride_qb, stride_qs, stride_qh, d, dmask, BLOCK_HQ)
+    k_src, k_mask = _head_ptrs(K, b, s, HK, stride_kb, stride_ks, stride_kh, d, dmask, BLOCK_HK)
+    q1 = tl.load(q_src, mask=q_mask, other=0.0)
+    q2 = tl.load(q_src + HALF, mask=q_mask, other=0.0)
+    k1 = tl.load(k_src, mask=k_mask, other=0.0)
+    k2 = tl.load(k_src + HALF, mask=k_mask, other=0.0)
+    cos = tl.load(COS + b * stride_cb + s * stride_cs + d, mask=dmask, other=0.0).to(ACC)[None, :]
+    sin = tl.load(SIN + b * stride_cb + s * stride_cs + d, mask=dmask, other=0.0).to(ACC)[None, :]
     if BACKWARD:
         sin = -sin
-    _rotate_heads(
-        Q, QO, b, s, HQ, stride_qb, stride_qs, stride_qh, stride_qob, stride_qos, stride_qoh,
-        cos, sin, d, dmask, HALF, BLOCK_HQ,
+    q_dst, _ = _head_ptrs(QO, b, s, HQ, stride_qob, stride_qos, stride_qoh, d, dmask, BLOCK_HQ)
+    k_dst, _ = _head_ptrs(KO, b, s, HK, stride_kob, stride_kos, stride_koh, d, dmask, BLOCK_HK)
+    q1 = q1.to(ACC)
+    q2 = q2.to(ACC)
+    tl.store(q_dst, (q1 * cos - q2 * sin).to(QO.dtype.element_ty), mask=q_mask)
+    tl.store(q_dst + HALF, (q2 * cos + q1 * sin).to(QO.dtype.element_ty), mask=q_mask)
+    k1 = k1.to(ACC)
+    k2 = k2.to(ACC)
+    tl.store(k_dst, (k1 * cos - k2 * sin).to(KO.dtype.element_ty), mask=k_mask)
+    tl.store(k_dst + HALF, (k2 * cos + k1 * sin).to(KO.dtype.element_ty), mask=k_mask)
+
+
+def _cos_sin_args(
+    cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """cos/sin with unit last stride and the (batch, seq) strides both are read with; a batch of 1
+    or a 2-D (S, D/2) table broadcasts over the batch (batch stride 0)."""
+    if cos.stride(-1) != 1:
+        cos = cos.contiguous()
+    if sin.stride(-1) != 1:
+        sin = sin.contiguous()
+    cst, sst = cos.stride(), sin.stride()
+    if cos.dim() == 2:
+        cb, cs, sb, ss = 0, cst[0], 0, sst[0]
+    else:
+        one = cos.shape[0] == 1
+        cb, cs, sb, ss = (0 if one else cst[0]), cst[1], (0 if one else sst[0]), sst[1]
+    if (cb, cs) != (sb, ss):  # one stride pair is passed for both tables
+        cos, sin = cos.contiguous(), sin.contiguous()
+        return _cos_sin_args(cos, sin)
+    return cos, sin, cb, cs
+
+
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scb: int,
+    scs: int,
+    qo: torch.Tensor,
+    ko: torch.Tensor,
+    backward: bool,
+) -> None:
+    """One launch rotating q and k (B, S, H, D) into qo and ko; cos/sin as _cos_sin_args returns.
+
+    num_warps is fixed rather than tuned (an autotuned launch costs host time on every call): a
+    program moves its token's q and k, (Hq + Hk) * D elements in and out; 4 warps give each
+    thread 40 of the 5120 elements of 32 + 8 heads of 128, 8 warps above 8192 elements."""
+    bsz, seq, hq, d = q.shape
+    if bsz * seq == 0:
+        return
+    qs, ks, qos, kos = q.stride(), k.stride(), qo.stride(), ko.stride()
+    _rope_kernel[(bsz * seq,)](
+        q, k, qo, ko, cos, sin, seq, hq, k.shape[2],
+        qs[0], qs[1], qs[2], ks[0], ks[1], ks[2],
+        qos[0], qos[1], qos[2], kos[0], kos[1], kos[2],
+        scb, scs,
+        ACC=tl.float64 if q.dtype == torch.float64 else tl.float32, BACKWARD=backward,
+        **_meta(hq, k.shape[2], d),
     )  # fmt: skip
-    _rotate_heads(
-        K, KO, b, s, HK, stride_kb, stride_ks, stride_kh, stride_kob, stride_kos, stride_koh,
-        cos, sin, d, dmask, HALF, BLOCK_HK,
-    )  # fmt: skip
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _cos_sin_3d(c: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """cos/sin as a (Bc, S, D/2) tensor with unit last stride, and its (batch, seq) strides; a
-    batch of 1 or a 2-D table broadcasts over the batch (stride 0)."""
-    c = _unit_last(c)
-    if c.dim() == 2:
-        return c, 0, c.stride(0)
-    return c, (0 if c.shape[0] == 1 else c.stride(0)), c.stride(1)
+@functools.lru_cache(maxsize=64)
+def _meta(hq: int, hk: int, d: int) -> dict:
+    """Block sizes and num_warps for (Hq, Hk, D), cached: they are per-model constants."""
+    half = d // 2
+    return {
+        "HALF": half,
+        "BLOCK_HALF": next_power_of_2(half),
+        "BLOCK_HQ": next_power_of_2(hq),
+        "BLOCK_HK": next_power_of_2(hk),
+        "num_warps": 4 if (hq + hk) * d <= 8192 else 8,
+    }
 
 
 def _rope_launch(
@@ -250,30 +286,18 @@ def _rope_launch(
     ko: torch.Tensor,
     backward: bool,
 ) -> None:
-    bsz, seq, hq, d = q.shape
-    hk = k.shape[2]
-    half = d // 2
-    if bsz * seq == 0:
-        return
-    cos, scb, scs = _cos_sin_3d(cos)
-    sin, ssb, sss = _cos_sin_3d(sin)
-    if (scb, scs) != (ssb, sss):  # one stride pair is passed for both tables
-        cos, sin = cos.contiguous(), sin.contiguous()
-        cos, scb, scs = _cos_sin_3d(cos)
-    acc = tl.float64 if q.dtype == torch.float64 else tl.float32
-    _rope_kernel[(bsz * seq,)](
-        q, k, qo, ko, cos, sin, seq, hq, hk,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
-        scb, scs,
-        ACC=acc, BACKWARD=backward, HALF=half, BLOCK_HALF=next_power_of_2(half),
-        BLOCK_HQ=next_power_of_2(hq), BLOCK_HK=next_power_of_2(hk),
-    )  # fmt: skip
+    """Rotate q, k (unit stride along D) by theta (``backward``: by -theta) into qo, ko."""
+    cos, sin, scb, scs = _cos_sin_args(cos, sin)
+    _launch(q, k, cos, sin, scb, scs, qo, ko, backward)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 class RoPEFunction(torch.autograd.Function):
     """Rotates q and k in one launch; backward rotates dq', dk' by -theta in one launch.
-    Saves only cos and sin."""
+    Saves only cos and sin. The host work per call is the launch plus the output allocations."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, inplace: bool):
@@ -282,19 +306,20 @@ class RoPEFunction(torch.autograd.Function):
             qo, ko = q, k
         else:
             qo, ko = torch.empty_like(q_in), torch.empty_like(k_in)
-        _rope_launch(q_in, k_in, cos, sin, qo, ko, backward=False)
+        cos, sin, scb, scs = _cos_sin_args(cos, sin)
+        _launch(q_in, k_in, cos, sin, scb, scs, qo, ko, backward=False)
         if qo is q:
             ctx.mark_dirty(q, k)
         ctx.save_for_backward(cos, sin)
+        ctx.cos_strides = (scb, scs)
         return qo, ko
 
     @staticmethod
     def backward(ctx, dqo, dko):
         cos, sin = ctx.saved_tensors
         dqo, dko = _unit_last(dqo), _unit_last(dko)
-        dq = torch.empty(dqo.shape, dtype=dqo.dtype, device=dqo.device)
-        dk = torch.empty(dko.shape, dtype=dko.dtype, device=dko.device)
-        _rope_launch(dqo, dko, cos, sin, dq, dk, backward=True)
+        dq, dk = torch.empty_like(dqo), torch.empty_like(dko)
+        _launch(dqo, dko, cos, sin, *ctx.cos_strides, dq, dk, backward=True)
         return dq, dk, None, None, None
 
 
@@ -354,7 +379,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
             f"cos/sin must have shape ({bsz}, {seq}, {d // 2}) or ({seq}, {d // 2}) for q "
             f"{tuple(q.shape)} (half the head dim, as rope_cos_sin returns), got {tuple(cos.shape)}"
         )
-    check_same_device(q=q, k=k, cos=cos, sin=sin)
+    dev = q.device
+    if k.device != dev or cos.device != dev or sin.device != dev:
+        check_same_device(q=q, k=k, cos=cos, sin=sin)
 
 
 def apply_rope(
@@ -378,4 +405,6 @@ def apply_rope(
             k.copy_(ko)
             return q, k
         return qo, ko
-    return RoPEFunction.apply(q, k, cos.detach(), sin.detach(), bool(inplace))
+    if cos.requires_grad or sin.requires_grad:  # no gradient flows to the tables
+        cos, sin = cos.detach(), sin.detach()
+    return RoPEFunction.apply(q, k, cos, sin, bool(inplace))

@@ -60,9 +60,18 @@ def test_rms_norm_matches_fp64_reference(lead, n, dtype, scale, w_grad, seed):
     _check_against_fp64(x, w, dy)
 
 
-def test_many_rows_per_backward_program():
-    # 4 "SMs" on the interpreter -> 16 dW partials, so each backward program loops over rows
-    x, w, dy = _case([3, 41], 96, torch.float32, 1.0, 1)
+@pytest.mark.parametrize(
+    "lead, n",
+    [
+        ([3, 41], 96),  # 16 rows per step: every program one step
+        ([3, 41], 520),  # 2 rows per step, 4 steps per program, the last step half empty
+        ([17], 2048),  # one row per step; programs 9..15 get no rows and store a zero partial
+    ],
+)
+def test_many_rows_per_backward_program(lead, n):
+    # 4 "SMs" on the interpreter -> at most 16 dW partials, so backward programs loop over rows
+    # (with the next step's loads issued before the current step is stored)
+    x, w, dy = _case(lead, n, torch.float32, 1.0, 1)
     _check_against_fp64(x, w, dy, eps=1e-5)
 
 

@@ -201,6 +201,17 @@ def test_inplace_writes_into_q_and_k():
     assert_close_rule(ko, kr, atol=1e-5)
 
 
+def test_cos_and_sin_with_different_strides():
+    # one stride pair is passed for both tables: tables laid out differently are made contiguous
+    q, k, cos, sin = _qk(2, 5, 4, 2, 16, torch.float32, 12)
+    sin_wide = torch.zeros(*sin.shape[:-1], 3 * sin.shape[-1], device=DEV)
+    sin_wide[..., : sin.shape[-1]] = sin
+    sin_view = sin_wide[..., : sin.shape[-1]]
+    assert sin_view.stride() != cos.stride()
+    _check(q, k, cos, sin_view)
+    _check(q, k, cos[0], sin_view[0])  # 2-D tables
+
+
 def test_views_of_fused_qkv_projection():
     b, s, hq, hk, d = 2, 6, 4, 2, 16
     q0, k0, cos, sin = _qk(b, s, hq, hk, d, torch.float32, 5)
