@@ -741,3 +741,25 @@ def test_gpu_nf4_matmul_matches_bitsandbytes(m):
     w_deq = bnbf.dequantize_4bit(packed, bnb_state).double()
     ref64 = x.double() @ w_deq.t()
     assert_close_rule(y, ref64, y_bnb, atol=_atol(ref64, torch.bfloat16))
+
+
+def test_composed_dropout_path_matches_fused_kernels():
+    """The path CUDA tensors take with dropout (seeded mask applied in PyTorch around the frozen
+    NF4 linear) computes what the fused dropout kernels compute, values and all gradients."""
+    dev = kernel_device()
+    torch.manual_seed(3)
+    packed, state = quantize_4bit((torch.randn(48, 96) * 0.02).to(dev))
+    x = torch.randn(37, 96, device=dev, requires_grad=True)
+    a = torch.randn(4, 96, device=dev, requires_grad=True)
+    b = torch.randn(48, 4, device=dev, requires_grad=True)
+    with qkern.backend("triton"):
+        fused = qlora._QLoRALinearFunction.apply(x, packed, state, a, b, 2.0, None, 0.3, 11, False)
+        composed = qlora._qlora_linear_masked(x, packed, state, a, b, 2.0, None, 0.3, 11)
+    gy = torch.randn_like(fused)
+    for name, g1, g2 in zip(
+        ("dX", "dA", "dB"),
+        torch.autograd.grad(fused, (x, a, b), gy),
+        torch.autograd.grad(composed, (x, a, b), gy),
+    ):
+        assert rel_err(g1, g2) < 1e-5, name
+    assert rel_err(fused, composed) < 1e-5
