@@ -22,8 +22,10 @@ def _sft(args: argparse.Namespace, rest: list[str]) -> int:
 
     cfg = load_config(args.config, rest)
     result = run_sft(cfg)
+    final = result["final_loss"]
     print(
-        f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}"
+        f"done: {result['steps']} steps"
+        + (f", final loss {final:.4f}" if final is not None else "")
         + (
             f", best eval loss {result['best_eval_loss']:.4f}"
             if result.get("best_eval_loss") is not None

@@ -322,13 +322,48 @@ def peft_config_dict(cfg: LoraConfig, model: nn.Module, base_path: str | None = 
     }
 
 
+def lora_config_from_model(model: nn.Module) -> LoraConfig:
+    """A :class:`LoraConfig` describing the adapters a model carries (for saving them when the
+    original config is not at hand; alpha is expressed without rsLoRA, the same scale)."""
+    mods = adapted_modules(model)
+    if not mods:
+        raise ValueError("the model has no LoRA adapter")
+    first = next(iter(mods.values()))
+    layers = sorted({i for n in mods if (i := _layer_index(n)) is not None})
+    all_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    return LoraConfig(
+        r=first.r,
+        alpha=first.scaling * first.r,
+        dropout=first.lora_dropout,
+        target_modules=sorted({n.rsplit(".", 1)[-1] for n in mods}),
+        train_embeddings=model.embed_tokens.weight.requires_grad,
+        train_lm_head=getattr(model, "lm_head", None) is not None
+        and model.lm_head.weight.requires_grad,
+        layers_to_transform=None if all_layers is None or len(layers) == all_layers else layers,
+    )
+
+
 def save_adapter(
-    model: nn.Module, directory: str | Path, cfg: LoraConfig, base_path: str | None = None
+    model: nn.Module,
+    directory: str | Path,
+    cfg: LoraConfig | None = None,
+    base_path: str | None = None,
 ) -> Path:
-    """Write the adapter as an HF PEFT adapter directory; returns the directory."""
+    """Write the adapter as an HF PEFT adapter directory; returns the directory.
+
+    ``cfg`` must describe the model's adapters (rank and scale are checked); None derives it
+    from the model.
+    """
     sd = adapter_state_dict(model)
     if not sd:
         raise ValueError("the model has no LoRA adapter to save (call apply_lora first)")
+    cfg = cfg or lora_config_from_model(model)
+    for name, m in adapted_modules(model).items():
+        if m.r != cfg.r or not math.isclose(m.scaling, cfg.scaling, rel_tol=1e-6):
+            raise ValueError(
+                f"LoRA config (r={cfg.r}, scale {cfg.scaling:g}) does not describe the adapter "
+                f"of {name} (r={m.r}, scale {m.scaling:g})"
+            )
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(d / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -500,6 +535,7 @@ __all__ = [
     "apply_lora",
     "copy_tokenizer_files",
     "load_adapter",
+    "lora_config_from_model",
     "lora_parameters",
     "merge_and_save",
     "merge_lora",

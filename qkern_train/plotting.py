@@ -135,7 +135,9 @@ def plot_curves(
     if y_hi == y_lo:
         y_hi = y_lo + 1
     pad = 0.05 * (y_hi - y_lo)
-    y_lo, y_hi = y_lo - pad, y_hi + pad
+    # a margin around the data, but no negative tick under losses that are all >= 0
+    y_lo = max(0.0, y_lo - pad) if y_lo >= 0 else y_lo - pad
+    y_hi = y_hi + pad
     left, right, top, bottom = 70, width - 20, 30, height - 40
     cv = Canvas(width, height)
 

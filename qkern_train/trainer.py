@@ -284,8 +284,8 @@ class Trainer:
     """Trains whatever parameters of ``model`` require grad (adapters after ``apply_lora``, or
     all of them for pre-training) on micro-batches from ``train_data``.
 
-    ``callbacks`` are called as ``cb(trainer, metrics)`` after every optimizer step (used by
-    the demo to print, and by tests to interrupt a run).
+    ``callbacks`` are called as ``cb(trainer, metrics)`` after every optimizer step (for custom
+    logging or stopping; the tests use one to interrupt a run).
     """
 
     def __init__(
@@ -394,7 +394,7 @@ class Trainer:
 
         def write(d: Path) -> None:
             if adapted_modules(self.model):
-                save_adapter(self.model, d, self.lora_config or LoraConfig(), self.base_model_path)
+                save_adapter(self.model, d, self.lora_config, self.base_model_path)
             else:
                 from safetensors.torch import save_file
 

@@ -273,3 +273,24 @@ def test_hf_peft_adapter_loads_in_ours(tmp_path):
         want = pm(input_ids=x).logits
     load_adapter(model, tmp_path / "peft")
     torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_save_checks_the_config_and_can_derive_it(tmp_path):
+    model = tiny_model()
+    apply_lora(
+        model,
+        LoraConfig(r=4, alpha=8, target_modules=["q_proj", "up_proj"], layers_to_transform=[1]),
+    )
+    with pytest.raises(ValueError, match=r"does not describe the adapter of layers\.1"):
+        save_adapter(model, tmp_path / "a", LoraConfig(r=16, alpha=16))
+    save_adapter(model, tmp_path / "a")  # config derived from the model
+    cfg = read_adapter_config(tmp_path / "a")
+    assert (cfg.r, cfg.scaling, cfg.target_modules, cfg.layers_to_transform) == (
+        4,
+        2.0,
+        ["q_proj", "up_proj"],
+        [1],
+    )
+    fresh = tiny_model()
+    load_adapter(fresh, tmp_path / "a")
+    assert list(adapted_modules(fresh)) == list(adapted_modules(model))

@@ -166,6 +166,35 @@ def test_gradient_checkpointing_gives_the_same_grads(tmp_path):
     assert_grads_close(out["off"], out["on"], rtol=0, atol=0)
 
 
+def test_offloaded_checkpointing_selected_by_config(tmp_path):
+    offload = pytest.importorskip("qkern_train.offload")
+    exs = examples(4, seed=3)
+    model = lora_model()
+    model.train()
+    t = Trainer(
+        model,
+        D.BatchPlanner(exs, 1, 32),
+        train_cfg(gradient_checkpointing="offload"),
+        tmp_path,
+        output=QUIET,
+    )
+    assert model.gradient_checkpointing and model.checkpoint_fn is offload.offloaded_checkpoint
+    t.forward_backward([D.collate_packed(exs)])
+    want = lora_model()
+    want.train()
+    Trainer(want, D.BatchPlanner(exs, 1, 32), train_cfg(), tmp_path / "ref", output=QUIET
+            ).forward_backward([D.collate_packed(exs)])  # fmt: skip
+    assert_grads_close(grads(model), grads(want))
+
+
+def test_adamw8bit_selected_by_config(tmp_path):
+    optim8bit = pytest.importorskip("qkern.optim8bit")
+    exs = examples(8, seed=12)
+    trainer, res = run(tmp_path, lora_model(), exs, train_cfg(max_steps=3, optimizer="adamw8bit"))
+    assert isinstance(trainer.optimizer, optim8bit.AdamW8bit)
+    assert res["steps"] == 3 and math.isfinite(res["final_loss"])
+
+
 # ---- optimizer, schedule -----------------------------------------------------------------------
 
 
@@ -376,3 +405,30 @@ def test_golden_loss_curve(tmp_path):
     assert losses[-1] < losses[0] - 0.05  # it learns
     for step, (got, ref) in enumerate(zip(losses, want), start=1):
         assert got == pytest.approx(ref, rel=1e-4), f"step {step}: {got} vs golden {ref}"
+
+
+# ---- GPU: the Triton kernels under the trainer ------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_qlora_training_on_gpu(tmp_path, precision):
+    save_model(tiny_model(seed=0), tmp_path / "base", dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    model = load_model(tmp_path / "base", load_in_4bit=True, dtype=dtype, device="cuda")
+    cfg = LoraConfig(r=4, alpha=8)
+    apply_lora(model, cfg, seed=0)
+    exs = examples(40, seed=11)
+    planner = D.BatchPlanner(exs, 2, 32, packing=True, seed=0)
+    tc = train_cfg(max_steps=12, lr=2e-2, warmup_steps=2, gradient_checkpointing="on",
+                   save_steps=6)  # fmt: skip
+    trainer = Trainer(model, planner, tc, tmp_path / "run", output=QUIET, lora_config=cfg)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    assert (trainer.scaler is not None) == (precision == "fp16")
+    res = trainer.fit()
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
+    assert res["steps"] == 12 and all(math.isfinite(v) for v in losses)
+    assert min(losses[-3:]) < losses[0]
+    assert all(p.dtype == torch.float32 for p in trainer.params)  # fp32 adapters
+    assert read_metrics(tmp_path / "run")[-1]["peak_mem_gb"] > 0
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-12"
