@@ -23,6 +23,14 @@ _EXPORTS: dict[str, str] = {
     "load_tokenizer": "qkern_train.tokenizer",
     "Tokenizer": "qkern_train.tokenizer",
     "GenerationConfig": "qkern_train.generate",
+    "LoraConfig": "qkern_train.lora",
+    "apply_lora": "qkern_train.lora",
+    "save_adapter": "qkern_train.lora",
+    "load_adapter": "qkern_train.lora",
+    "merge_and_save": "qkern_train.lora",
+    "Trainer": "qkern_train.trainer",
+    "run_sft": "qkern_train.trainer",
+    "load_config": "qkern_train.config",
 }
 
 __all__ = [*_EXPORTS, "generate"]
