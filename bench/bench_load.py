@@ -52,6 +52,16 @@ def _rss_now_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _rss_anon_mb() -> float:
+    """Anonymous resident memory (RssAnon): the process's own copies, without the pages of
+    memory-mapped files, which RSS also counts and the kernel can drop at any time."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024  # kB
+    return float("nan")
+
+
 def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -103,11 +113,13 @@ class _RssSampler:
         import threading
 
         self.peak = _rss_now_mb()
+        self.peak_anon = _rss_anon_mb()
         self._stop = threading.Event()
 
         def sample() -> None:
             while not self._stop.wait(0.002):
                 self.peak = max(self.peak, _rss_now_mb())
+                self.peak_anon = max(self.peak_anon, _rss_anon_mb())
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
@@ -117,6 +129,7 @@ class _RssSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss_now_mb())
+        self.peak_anon = max(self.peak_anon, _rss_anon_mb())
 
 
 def child(directory: str, mode: str) -> None:
@@ -127,7 +140,7 @@ def child(directory: str, mode: str) -> None:
     torch.zeros(1, device="cuda")  # CUDA context up before the baseline is taken
     import qkern_train.checkpoint  # noqa: F401  (imports counted in the baseline)
 
-    base_max, base_now = _maxrss_mb(), _rss_now_mb()
+    base_max, base_now, base_anon = _maxrss_mb(), _rss_now_mb(), _rss_anon_mb()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     sampler = _RssSampler().__enter__()
@@ -157,6 +170,7 @@ def child(directory: str, mode: str) -> None:
         "host_baseline_mb": base_now,
         "host_peak_during_load_mb": sampler.peak,
         "host_peak_over_baseline_mb": sampler.peak - base_now,
+        "host_anon_peak_over_baseline_mb": sampler.peak_anon - base_anon,
         "host_maxrss_before_mb": base_max,
         "host_maxrss_after_mb": _maxrss_mb(),
         "host_after_mb": _rss_now_mb(),
