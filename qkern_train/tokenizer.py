@@ -202,6 +202,11 @@ class Tokenizer:
                 ids = [self.bos_token_id, *ids]
             if self.add_eos_token and self.eos_token_id is not None:
                 ids = [*ids, self.eos_token_id]
+        bos = self.bos_token_id
+        if add_special_tokens and bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
+            # the text already began with the BOS string (a rendered chat template, a pasted
+            # prompt): keep one BOS, as the model was trained with
+            ids = ids[1:]
         return list(ids)
 
     def _sp_encode(self, text: str) -> list[int]:

@@ -232,6 +232,8 @@ def test_spm_round_trip_and_specials(spm_dir):
     # special-token strings written into the text (as chat templates do) become their ids
     ids = tok.encode("<s>the fox</s>", add_special_tokens=False)
     assert ids[0] == 1 and ids[-1] == 2 and 1 not in ids[1:-1]
+    # a text that already starts with BOS gets no second one from add_special_tokens
+    assert tok.encode("<s>the fox") == tok.encode("the fox")
     assert tok.decode(ids) == "the fox"
     assert tok.vocab_size == tok.backend.get_piece_size()
     dec = tok.stream_decoder()
