@@ -448,7 +448,7 @@ class Trainer:
             with torch.no_grad():
                 for n, t in tensors.items():
                     params[n].copy_(t)
-        load = lambda name: torch.load(d / name, map_location="cpu", weights_only=False)
+        load = lambda name: torch.load(d / name, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(load("optimizer.pt"))
         self.scheduler.load_state_dict(load("scheduler.pt"))
         if self.scaler is not None and (d / "scaler.pt").is_file():
