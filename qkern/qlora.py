@@ -1400,6 +1400,17 @@ def nf4_matmul(
 # --------------------------------------------------------------------------------------------
 
 
+def init_lora_a(a: torch.Tensor, init: str, generator: torch.Generator | None = None) -> None:
+    """Initialize a LoRA A matrix (r, in) in place: ``"kaiming"`` is Kaiming-uniform with
+    a = √5 (gain √(2/6), bound 1/√in: PEFT's default), ``"gaussian"`` is N(0, 1/r²)."""
+    if init == "kaiming":
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    elif init == "gaussian":
+        nn.init.normal_(a, std=1.0 / a.shape[0], generator=generator)
+    else:
+        raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
+
+
 class QLoRALinear(nn.Module):
     """A linear layer with a frozen 4-bit weight and an optional LoRA adapter.
 
@@ -1499,12 +1510,13 @@ class QLoRALinear(nn.Module):
         if init not in ("kaiming", "gaussian"):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
         dev = self.packed.device
-        a = torch.empty(r, self.in_features, dtype=torch.float32, device=dev)
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        else:
-            nn.init.normal_(a, std=1.0 / r, generator=generator)
-        self.lora_A = nn.Parameter(a.to(dtype))
+        # drawn where the generator lives (a CPU generator gives the same A on any device)
+        a = torch.empty(
+            r, self.in_features, dtype=torch.float32,
+            device=generator.device if generator is not None else dev,
+        )  # fmt: skip
+        init_lora_a(a, init, generator)
+        self.lora_A = nn.Parameter(a.to(device=dev, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=dev))
         self.r = r
         self.scaling = float(lora_alpha) / (math.sqrt(r) if use_rslora else r)

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qkern.qlora import init_lora_a
+
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -124,7 +126,7 @@ class LoRALinear(nn.Module):
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be a positive int, got {r!r}")
         a = torch.empty(r, self.in_features, dtype=torch.float32)
-        _init_a(a, init, generator)
+        init_lora_a(a, init, generator)
         dev = self.weight.device
         self.lora_A = nn.Parameter(a.to(device=dev, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=dev))
@@ -157,16 +159,6 @@ class LoRALinear(nn.Module):
             f"bias={self.bias is not None}, r={self.r}, scaling={self.scaling:g}, "
             f"lora_dropout={self.lora_dropout:g}"
         )
-
-
-def _init_a(a: torch.Tensor, init: str, generator: torch.Generator | None) -> None:
-    if init == "kaiming":
-        # a = √5: gain √(2/6), bound = gain·√3/√fan_in = 1/√in (PEFT's default for lora_A)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-    elif init == "gaussian":
-        nn.init.normal_(a, std=1.0 / a.shape[0], generator=generator)
-    else:
-        raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
 
 
 def _is_qlora(m: nn.Module) -> bool:
@@ -234,14 +226,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> list[str]:
             _replace_module(model, name, module)
         elif module.r > 0:
             raise ValueError(f"{name} already has a LoRA adapter")
+        # A is drawn from the CPU generator, so the values depend neither on the device nor on
+        # the module kind
         module.add_adapter(
-            cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init_lora_weights, None
+            cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init_lora_weights, gen
         )
-        # draw A on the CPU so the values do not depend on the device or the module kind
-        a = torch.empty(cfg.r, module.in_features, dtype=torch.float32)
-        _init_a(a, cfg.init_lora_weights, gen)
-        with torch.no_grad():
-            module.lora_A.copy_(a)
         names.append(name)
     if not names:
         available = sorted(set(linear_names))
