@@ -21,7 +21,12 @@ e.g. copies on the offload stream, make the sum exceed the wall time). The class
 names, so the top kernels are listed too: check their classes when kernels are renamed.
 
     PYTHONPATH=. python3 bench/profile_e2e.py [--case 1b-b2-s2048] [--steps 3]
-        [--json OUT/profile.json] [--trace OUT/trace.json]
+        [--json OUT/profile.json] [--trace OUT/trace.json] [--cprofile N]
+
+With ``--cprofile N`` it also runs N more steps under Python's cProfile and lists the functions
+with the most host time (self and cumulative): when the GPU idles, the step is host-bound and this
+list says which Python (launchers, autograd Functions, torch op dispatch) the host spends it in.
+cProfile slows Python down, so read shares, not absolute times.
 """
 
 from __future__ import annotations
@@ -80,7 +85,40 @@ def _kernel_events(prof) -> list[tuple[str, float]]:
     return out
 
 
-def profile(case_name: str = "1b-b2-s2048", steps: int = 3, trace: str | None = None) -> dict:
+def _host_profile(step, steps: int, top: int = 45) -> dict:
+    """Top functions by self and by cumulative host time over ``steps`` steps under cProfile."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    wall = (time.perf_counter() - t0) / steps
+    stats = pstats.Stats(prof)
+
+    def rows(key: int) -> list[dict]:
+        items = sorted(stats.stats.items(), key=lambda kv: -kv[1][key])[:top]
+        return [
+            dict(
+                func=f"{Path(f).name}:{line}:{name}",
+                calls_per_step=nc / steps,
+                self_ms_per_step=tt / steps * 1e3,
+                cum_ms_per_step=ct / steps * 1e3,
+            )
+            for (f, line, name), (_, nc, tt, ct, _) in items
+        ]
+
+    return dict(wall_ms_per_step_under_cprofile=wall * 1e3, by_self=rows(2), by_cumulative=rows(3))
+
+
+def profile(
+    case_name: str = "1b-b2-s2048", steps: int = 3, trace: str | None = None, cprofile: int = 0
+) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -133,6 +171,8 @@ def profile(case_name: str = "1b-b2-s2048", steps: int = 3, trace: str | None = 
         },
         top_kernels=[dict(name=n, cls=classify(n), ms_per_step=us / steps / 1e3) for n, us in top],
     )
+    if cprofile:
+        result["host"] = _host_profile(step, cprofile)
     return result
 
 
@@ -148,6 +188,18 @@ def format_profile(r: dict) -> str:
     lines.append("\ntop kernels:")
     for t in r["top_kernels"]:
         lines.append(f"  {t['ms_per_step']:>8.3f} ms  {t['cls']:<18} {t['name'][:110]}")
+    host = r.get("host")
+    if host:
+        lines.append(
+            f"\nhost (cProfile, {host['wall_ms_per_step_under_cprofile']:.1f} ms/step under it):"
+        )
+        for title, key in (("by self time", "by_self"), ("by cumulative time", "by_cumulative")):
+            lines.append(f"  {title}:  calls/step  self ms  cum ms")
+            for h in host[key]:
+                lines.append(
+                    f"    {h['calls_per_step']:>9.0f} {h['self_ms_per_step']:>8.2f} "
+                    f"{h['cum_ms_per_step']:>8.2f}  {h['func'][:100]}"
+                )
     return "\n".join(lines)
 
 
@@ -157,11 +209,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--trace", default=None, help="also write a chrome trace here")
+    ap.add_argument("--cprofile", type=int, default=0, help="also profile N steps' host time")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("profiling needs a CUDA device")
         return 2
-    r = profile(args.case, args.steps, args.trace)
+    r = profile(args.case, args.steps, args.trace, args.cprofile)
     _free()
     print(format_profile(r))
     if args.json:
