@@ -99,7 +99,7 @@ ANCHORS: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
     },
 }
 
-_CASE_RE = re.compile(r"^(1b|8b)-b(\d+)-(?:s(\d+)|(max))((?:-offload|-8bit|-nockpt)*)$")
+_CASE_RE = re.compile(r"^(1b|8b)-b(\d+)-(?:s(\d+)|(max))((?:-offload|-8bit|-nockpt|-graph)*)$")
 
 
 @dataclass
@@ -110,6 +110,7 @@ class Case:
     seq: int | None  # None: longest-context search
     ckpt: str  # "on" | "offload" | "off"
     optim: str  # "adamw" | "adamw8bit"
+    graph: bool = False  # the whole step (forward, backward, optimizer) replayed as a CUDA graph
 
     @property
     def base(self) -> str:
@@ -129,7 +130,10 @@ def parse_case(name: str) -> Case:
         raise ValueError(f"{name!r}: -offload and -nockpt exclude each other")
     ckpt = "offload" if "-offload" in suffix else "off" if "-nockpt" in suffix else "on"
     optim = "adamw8bit" if "-8bit" in suffix else "adamw"
-    return Case(name, shape, int(b), None if is_max else int(s), ckpt, optim)
+    graph = "-graph" in suffix
+    if graph and (ckpt == "offload" or optim != "adamw"):
+        raise ValueError(f"{name!r}: -graph runs with plain checkpointing and torch AdamW only")
+    return Case(name, shape, int(b), None if is_max else int(s), ckpt, optim, graph)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,12 +218,14 @@ def _gib(n: float) -> float:
     return round(n / 2**30, 3)
 
 
-def make_optimizer(params: list[torch.Tensor], kind: str) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[torch.Tensor], kind: str, capturable: bool = False
+) -> torch.optim.Optimizer:
     if kind == "adamw8bit":
         from qkern.optim8bit import AdamW8bit
 
         return AdamW8bit(params, lr=LR)
-    return torch.optim.AdamW(params, lr=LR, fused=True)
+    return torch.optim.AdamW(params, lr=LR, fused=True, capturable=capturable)
 
 
 def set_checkpointing(model: torch.nn.Module, mode: str) -> None:
@@ -242,6 +248,8 @@ def train_steps(
 
     set_checkpointing(model, case.ckpt)
     params = lora_parameters(model)
+    if case.graph:
+        return _graph_train_steps(model, case, seq, params, steps, warmup)
     opt = make_optimizer(params, case.optim)
     vocab = SHAPES[case.shape]["vocab_size"]
     g = torch.Generator(device="cuda").manual_seed(1234)
@@ -280,6 +288,77 @@ def train_steps(
         peak_reserved=reserved,
         peak_alloc_warm=max(alloc, peak_warm[0]),
         peak_reserved_warm=max(reserved, peak_warm[1]),
+        losses=[float(x) for x in losses],
+    )
+
+
+def _graph_train_steps(
+    model: torch.nn.Module, case: Case, seq: int, params: list, steps: int, warmup: int
+) -> dict:
+    """Like train_steps, but the whole step is captured once as a CUDA graph and replayed.
+
+    At the 1B shape a step is ~75 ms of kernels issued by ~165 ms of Python (launchers, autograd,
+    checkpointing; see profile_e2e), so the GPU idles half the time. A graph replays the same
+    kernels with no host work per launch. The capture follows PyTorch's whole-network recipe:
+    warm-up steps on a side stream (Triton compiles and autotunes there, the dequant workspace and
+    optimizer state are allocated), then one step captured with static inputs, gradients reset to
+    None so backward allocates them in the graph's pool, and AdamW with ``capturable=True`` (its
+    step counter lives on the GPU). Every kernel must be free of host syncs for this to work
+    (no ``.item()``, no host-read sizes): checkpointing runs without RNG-state stashing (dropout
+    is 0 here), and cross-entropy skips its host-side label check while a capture is running.
+    """
+    opt = make_optimizer(params, case.optim, capturable=True)
+    model.checkpoint_fn = functools.partial(
+        torch.utils.checkpoint.checkpoint, use_reentrant=False, preserve_rng_state=False
+    )
+    vocab = SHAPES[case.shape]["vocab_size"]
+    g = torch.Generator(device="cuda").manual_seed(1234)
+    ids = torch.randint(0, vocab, (case.batch, seq), device="cuda", generator=g)
+    labels = shifted_labels(ids)
+    _free()
+    torch.cuda.reset_peak_memory_stats()
+    losses = []
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup + 1):
+            opt.zero_grad(set_to_none=True)
+            loss = model.loss(ids, labels)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach().clone())
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = model.loss(ids, labels)
+        static_loss.backward()
+        opt.step()
+    times = []
+    try:
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            graph.replay()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            losses.append(static_loss.detach().clone())
+        alloc, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+    finally:
+        for p in params:
+            p.grad = None
+        del opt, graph
+        set_checkpointing(model, case.ckpt)
+    step_s = statistics.median(times)
+    return dict(
+        step_s=step_s,
+        times=times,
+        tokens_per_s=case.batch * seq / step_s,
+        peak_alloc=alloc,
+        peak_reserved=reserved,
+        peak_alloc_warm=alloc,
+        peak_reserved_warm=reserved,
         losses=[float(x) for x in losses],
     )
 
@@ -450,7 +529,7 @@ def _add_ratios(rows: list[Row]) -> None:
     hf = {r.case: r for r in rows if r.provider == "hf+peft+bnb"}
     for r in rows:
         if r.provider == "qkern":
-            base = re.sub(r"(-offload|-8bit|-nockpt)+$", "", r.case)
+            base = re.sub(r"(-offload|-8bit|-nockpt|-graph)+$", "", r.case)
             if base in hf and hf[base].ms == hf[base].ms and r.ms == r.ms:  # not NaN
                 r.extra["x_hf"] = round(hf[base].ms / r.ms, 3)
                 r.extra["mem_vs_hf"] = round(

@@ -19,9 +19,11 @@ GB/s, ~700 TFLOP/s; the larger floor is the bound):
 Each row times the eager call (Python, autograd and kernel launches included, as a training step
 pays them): when the host needs longer to issue a call than the GPU needs to run it, that row
 measures the host. Its ``host_ms`` is the host time of one call alone (calls issued without
-waiting for the GPU); ``host_ms`` close to ``ms`` means the row is host-bound. (CUDA-graph
-replays were tried for the kernel-only time, but a provider that cannot be captured left the
-CUDA RNG in capture state on an H200 and broke every later measurement; they are left out.)
+waiting for the GPU); ``host_ms`` close to ``ms`` means the row is host-bound. ``kernel_ms`` is
+the GPU time of the call's kernels alone (profiler, launch gaps excluded) and ``kernel_GBs`` the
+bandwidth they reach: the kernel's share of the roofline, measured the same way for every
+provider. (CUDA-graph replays were tried for the kernel-only time, but a provider that cannot be
+captured left the CUDA RNG in capture state on an H200 and broke every later measurement.)
 
 Every case checks the timed qkern output once against the reference (rel. error in ``extra``).
 """
@@ -32,7 +34,7 @@ import time
 
 import torch
 
-from bench.common import Ceilings, Row, bench_ms
+from bench.common import Ceilings, Row, bench_ms, kernel_ms
 from qkern.fused_lora import lora_mlp
 from qkern.qlora import QLoRALinear
 from qkern.rms_norm import rms_norm, rms_norm_ref
@@ -74,7 +76,8 @@ def _time(
 ) -> None:
     """Append the eager row of ``step`` with its host time per call in ``extra``."""
     ms = bench_ms(step, rep=rep)
-    extra = {**extra, "host_ms": _host_ms(step)}
+    kms = kernel_ms(step)
+    extra = {**extra, "host_ms": _host_ms(step), "kernel_ms": kms, "kernel_GBs": nbytes / kms / 1e6}
     rows.append(Row(bench, case, name, ms, bytes=nbytes, extra=extra))
 
 

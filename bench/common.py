@@ -58,6 +58,33 @@ def bench_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> floa
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def kernel_events(prof) -> list[tuple[str, float]]:
+    """(name, microseconds) of every GPU kernel / memcpy / memset a torch profiler saw."""
+    out = []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            out.append((e.name, float(e.time_range.elapsed_us())))
+    return out
+
+
+def kernel_ms(fn: Callable[[], object], iters: int = 20) -> float:
+    """GPU time of one call of ``fn``: the summed durations of the kernels it launches, per call.
+
+    do_bench times back-to-back calls with events, so when the host needs longer to issue a call
+    than the GPU needs to run it (small kernels behind Python launchers and autograd), it measures
+    the host. This measures the kernels alone (launch gaps excluded), for the kernel's share of a
+    roofline; report it beside the do_bench time, never instead of it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return sum(us for _, us in kernel_events(prof)) / iters / 1e3
+
+
 def _copy_ms(n: int) -> float:
     src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)

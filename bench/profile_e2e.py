@@ -52,6 +52,7 @@ from bench.bench_e2e import (  # noqa: E402
     set_checkpointing,
     shifted_labels,
 )
+from bench.common import kernel_events  # noqa: E402
 
 # first match wins; patterns are searched in lower-cased kernel names
 CLASSES: list[tuple[str, str]] = [
@@ -74,15 +75,6 @@ def classify(kernel_name: str) -> str:
         if pat.search(low):
             return name
     return "other"
-
-
-def _kernel_events(prof) -> list[tuple[str, float]]:
-    """(name, microseconds) of every GPU kernel / memcpy / memset the profiler saw."""
-    out = []
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            out.append((e.name, float(e.time_range.elapsed_us())))
-    return out
 
 
 def _host_profile(step, steps: int, top: int = 45) -> dict:
@@ -154,7 +146,7 @@ def profile(
 
     per_class: dict[str, float] = defaultdict(float)
     per_kernel: dict[str, float] = defaultdict(float)
-    for name, us in _kernel_events(prof):
+    for name, us in kernel_events(prof):
         per_class[classify(name)] += us
         per_kernel[name] += us
     total = sum(per_class.values())

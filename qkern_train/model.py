@@ -427,6 +427,7 @@ class Transformer(nn.Module):
             )
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
         self.gradient_checkpointing = False
+        # called like torch.utils.checkpoint.checkpoint(layer, *inputs, preserve_rng_state=...)
         self.checkpoint_fn = functools.partial(checkpoint, use_reentrant=False)
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -489,9 +490,14 @@ class Transformer(nn.Module):
         cos, sin = qkern.rope_cos_sin(position_ids, self.inv_freq(input_ids.device))
         h = self.embed_tokens(input_ids)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        # the recompute must draw the same random numbers only where something random runs
+        # (LoRA dropout); stashing and restoring the RNG states costs host time per layer
+        rng = ckpt and any(getattr(m, "lora_dropout", 0.0) > 0 for m in self.modules())
         for layer in self.layers:
             if ckpt and kv_cache is None:
-                h = self.checkpoint_fn(layer, h, cos, sin, cu_seqlens, max_seqlen)
+                h = self.checkpoint_fn(
+                    layer, h, cos, sin, cu_seqlens, max_seqlen, preserve_rng_state=rng
+                )
             else:
                 h = layer(h, cos, sin, cu_seqlens, max_seqlen, kv_cache)
         if kv_cache is not None:
