@@ -238,11 +238,19 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> list[str]:
             f"lora.target_modules {cfg.target_modules} matched no module; linear modules: "
             f"{available}"
         )
+    full = []
     if cfg.train_embeddings:
-        model.embed_tokens.weight.requires_grad_(True)
+        full.append(model.embed_tokens.weight)
     if cfg.train_lm_head:
         head = getattr(model, "lm_head", None)
-        (model.embed_tokens if head is None else head).weight.requires_grad_(True)
+        full.append((model.embed_tokens if head is None else head).weight)
+    for w in full:
+        # a fully trained weight keeps a float32 master copy, as the adapters do: Adam updates of
+        # ~lr = 2e-5 relative to weights of ~1e-2 are far below bf16's 2^-8 resolution and would
+        # round away. The model casts it to its compute dtype where it is used.
+        if w.dtype in (torch.float16, torch.bfloat16):
+            w.data = w.data.float()
+        w.requires_grad_(True)
     return names
 
 

@@ -435,7 +435,10 @@ class Transformer(nn.Module):
     @property
     def lm_weight(self) -> torch.Tensor:
         """The (V, H) output projection: lm_head.weight, or the embedding when tied."""
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        # a trained head/embedding may hold a float32 master copy (qkern_train.lora): compute in
+        # the model's dtype (the norms' dtype); the cast is differentiable, so grads reach it
+        return w if w.dtype == self.norm.weight.dtype else w.to(self.norm.weight.dtype)
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         if device not in self._inv_freq:
@@ -444,9 +447,7 @@ class Transformer(nn.Module):
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (..., V) of final-normed hidden states."""
-        if self.lm_head is None:
-            return F.linear(hidden, self.embed_tokens.weight)
-        return self.lm_head(hidden)
+        return F.linear(hidden, self.lm_weight)
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -489,6 +490,8 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         cos, sin = qkern.rope_cos_sin(position_ids, self.inv_freq(input_ids.device))
         h = self.embed_tokens(input_ids)
+        if h.dtype != self.norm.weight.dtype:  # float32 master of a trained embedding
+            h = h.to(self.norm.weight.dtype)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         # the recompute must draw the same random numbers only where something random runs
         # (LoRA dropout); stashing and restoring the RNG states costs host time per layer

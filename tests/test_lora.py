@@ -294,3 +294,29 @@ def test_save_checks_the_config_and_can_derive_it(tmp_path):
     fresh = tiny_model()
     load_adapter(fresh, tmp_path / "a")
     assert list(adapted_modules(fresh)) == list(adapted_modules(model))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_trained_embeddings_keep_float32_masters(tied):
+    """A fully trained embedding / LM head of a bf16 model trains a float32 copy: an Adam step
+    of lr 1e-5 moves it (in bf16 most of those updates would round to nothing), and the model
+    still computes in bf16."""
+    model = build_model(tiny_config(tie_word_embeddings=tied), torch.bfloat16).train()
+    apply_lora(model, LoraConfig(r=2, alpha=2, train_embeddings=True, train_lm_head=True))
+    full = [model.embed_tokens.weight] + ([] if tied else [model.lm_head.weight])
+    assert all(w.dtype == torch.float32 and w.requires_grad for w in full)
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0)
+    )
+    assert model(ids).dtype == torch.bfloat16
+    before = [w.detach().clone() for w in full]
+    opt = torch.optim.AdamW(full, lr=1e-5, weight_decay=0.0)
+    model.loss(ids, ids).backward()
+    assert all(w.grad is not None and w.grad.dtype == torch.float32 for w in full)
+    opt.step()
+    for w, b in zip(full, before):
+        moved = w.detach() != b
+        assert moved.any()
+        # the same update applied to the bf16 weight would leave most moved entries unchanged
+        in_bf16 = b.to(torch.bfloat16) + (w.detach() - b).to(torch.bfloat16)
+        assert (in_bf16[moved] == b.to(torch.bfloat16)[moved]).float().mean() > 0.5
