@@ -26,25 +26,31 @@ Reductions and the normalizer ``num_items``:
 
 The loss is returned in float32 (float64 for float64 inputs on the reference path).
 
-Design (the arithmetic is in docs/kernels/cross_entropy.md): one Triton kernel does an online
-log-sum-exp pass over vocab chunks and, when a gradient is needed, a second pass in reverse chunk
-order that writes it (optionally into the logits buffer). For scalar reductions the gradient is
-produced in the forward call and backward only scales it by grad_output, on the device, skipping
-the work when it is 1. The fused linear version walks chunks of rows (1536 at V = 128256 in bf16,
-from a 384 MiB budget): cuBLAS logits into one reused buffer, the CE kernel in place, then cuBLAS
-d(hidden) and, only for a trainable head, d(weight) -- all in forward, so nothing is recomputed.
-Timings on H100 are in the docs' "Measured" section.
+Design (the arithmetic is in docs/kernels/cross_entropy.md): a one-program label scan lists the
+rows to compute (and counts them and the bad labels); then a persistent kernel, one program per
+SM for long rows, walks its rows: pass 1 an online log-sum-exp with per-thread state, pass 2
+(when a gradient is needed) the same row in reverse chunk order, re-read from L2, writing the
+gradient (optionally into the logits buffer); one register queue prefetches across passes and
+rows. For scalar reductions the gradient is produced in the forward call and backward only scales
+it by grad_output, on the device, skipping the work when it is 1. The fused linear version walks
+chunks of rows (1536 at V = 128256 in bf16, from a 384 MiB budget): cuBLAS logits into one reused
+buffer, the CE kernel in place, then cuBLAS d(hidden) and, only for a trainable head, d(weight)
+-- all in forward, so nothing is recomputed. Timings are in the docs' "Measured" section.
 
 Limits: logits / hidden / weight in float32, float16 or bfloat16 (the references also take
 float64); labels of an integer dtype. Labels outside [0, V) that are not ``ignore_index`` raise a
-ValueError when ``validate=True`` (the default), which costs one small reduction and a host sync on
-CUDA; with ``validate=False`` such rows give a NaN loss instead of reading out of bounds.
+ValueError naming the label and its row when ``validate=True`` (the default): on CUDA the count
+from the label scan reaches the host while the kernel runs, so the check costs no GPU idle time
+(it is skipped inside a CUDA graph capture); the kernel has run by then (bad rows hold NaN, an
+in-place gradient is written). ``validate=False`` skips the check and its host sync: such rows
+give a NaN loss instead of reading out of bounds.
 Double backward is not supported. On CPU tensors the references run (``inplace_backward`` is then
 ignored).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +62,6 @@ from qkern._backend import (
     check_float,
     check_same_device,
     interpreter_enabled,
-    next_power_of_2,
     num_sms,
     pick_configs,
     use_triton,
@@ -118,9 +123,10 @@ def _validate_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -
     """One reduction over the labels and one host sync (on CUDA) to reject out-of-range labels."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
-        first = int(labels[bad][0])
+        row = int(bad.nonzero()[0, 0])
         raise ValueError(
-            f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}"
+            f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found "
+            f"{int(labels[row])} at row {row} ({int(bad.sum())} such label(s))"
         )
 
 
@@ -275,6 +281,44 @@ def fused_linear_cross_entropy_ref(
 # ------------------------------------------------------------------------------------------------
 
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _label_scan_kernel(y_ptr, order_ptr, info_ptr, T, V, ignore_index, BLOCK: tl.constexpr):
+    """One program reads the T labels once and writes
+
+    * ``order``: the rows whose label is not ``ignore_index`` ("counted" rows, in row order) in
+      ``order[0:nv]``, the ignored rows in ``order[nv:T]`` (from the back);
+    * ``info = (nv, number of labels outside [0, V) that are not ignore_index, first such row
+      (T if none))``.
+
+    The CE kernel deals the counted rows round-robin over its persistent programs (balanced
+    however many rows are ignored) and reads nv as the "mean" normalizer; the host reads the bad
+    count once to raise the label error. Block-wide prefix sums give each row its slot.
+    """
+    nv = 0
+    ni = 0
+    nbad = 0
+    first = T
+    for start in range(0, T, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < T
+        lab = tl.load(y_ptr + offs, mask=inb, other=0).to(tl.int64)
+        counted = inb & (lab != ignore_index)
+        skipped = inb & (lab == ignore_index)
+        bad = counted & ((lab < 0) | (lab >= V))
+        ci = counted.to(tl.int32)
+        si = skipped.to(tl.int32)
+        tl.store(order_ptr + nv + tl.cumsum(ci, 0) - 1, offs, mask=counted)
+        tl.store(order_ptr + T - ni - tl.cumsum(si, 0), offs, mask=skipped)
+        nv += tl.sum(ci, 0)
+        ni += tl.sum(si, 0)
+        nbad += tl.sum(bad.to(tl.int32), 0)
+        first = tl.minimum(first, tl.min(tl.where(bad, offs, T), 0))
+    tl.store(info_ptr, nv)
+    tl.store(info_ptr + 1, nbad)
+    tl.store(info_ptr + 2, first)
 
 
 @triton.jit
@@ -286,21 +330,8 @@ def _tanh(u):
 
 
 @triton.jit
-def _load_chunk(row_ptr, cols, limit, KEEP_IN_L2: tl.constexpr):
-    """row[cols] for cols < limit, else 0. KEEP_IN_L2 marks the lines evict-last: pass 2 re-reads
-    them; otherwise evict-first, so streaming data does not push them out."""
-    mask = cols < limit
-    if KEEP_IN_L2:
-        x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last")
-    else:
-        x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_first")
-    return x
-
-
-@triton.jit
-def _transform(x, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """z = softcap(logit_scale * x) in fp32 (each step only when its flag is set)."""
-    z = x.to(tl.float32)
+def _transform(z, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap(logit_scale * z) for fp32 z (each step only when its flag is set)."""
     if HAS_SCALE:
         z = z * logit_scale
     if HAS_SOFTCAP:
@@ -309,162 +340,150 @@ def _transform(x, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl
 
 
 @triton.jit
-def _lse_step(z, m, s_vec):
-    """Online log-sum-exp over a chunk: m' = max(m, max z), s_vec <- s_vec e^(m - m') + e^(z - m').
-
-    The sum stays a per-lane vector (one FFMA per element; reduced once per row), so a chunk costs
-    one block-wide reduction (the max). (z - m') is formed before the log2(e) scaling so that
-    |z| ~ 1e4 keeps its full relative accuracy."""
-    m_new = tl.maximum(m, tl.max(z, 0))
-    s_vec = s_vec * tl.exp2((m - m_new) * 1.4426950408889634) + tl.exp2(
-        (z - m_new) * 1.4426950408889634
-    )
-    return m_new, s_vec
-
-
-@triton.jit
-def _ce_row_stats(
-    x_row,
-    label,
-    in_range,
-    V,
-    eps,
-    softcap,
-    z_loss,
-    logit_scale,
-    BLOCK_V: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-    HAS_ZLOSS: tl.constexpr,
-    KEEP_IN_L2: tl.constexpr,
-):
-    """Pass 1 over one valid row: returns (loss, m, log s). Full chunks run without masks; the
-    ragged last chunk (V % BLOCK_V) masks its tail to -inf."""
-    cols0 = tl.arange(0, BLOCK_V)
-    n_full = V // BLOCK_V
-    # the target logit by one scalar load (a bad label reads column 0 and gives NaN below)
-    z_y = _transform(
-        tl.load(x_row + tl.where(in_range, label, 0)), logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP
-    )
-    c = 0.0
-    if HAS_SMOOTHING:
-        # sum (z - c) with c = z_0: the shift keeps the fp32 sum exact for |z| ~ 1e4
-        c = _transform(tl.load(x_row), logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-    zs_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
-    s_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
-    m = -float("inf")
-    # software prefetch two chunks deep: chunks i + 1 and i + 2 are in flight while chunk i is
-    # reduced (Triton pipelines only loads that feed tl.dot); a prefetch past the row is fully
-    # masked and moves no bytes
-    x_n1 = _load_chunk(x_row, cols0, V, KEEP_IN_L2)
-    x_n2 = _load_chunk(x_row, BLOCK_V + cols0, V, KEEP_IN_L2)
-    for i in range(0, n_full):
-        x = x_n1
-        x_n1 = x_n2
-        x_n2 = _load_chunk(x_row, (i + 2) * BLOCK_V + cols0, V, KEEP_IN_L2)
-        z = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-        m, s_vec = _lse_step(z, m, s_vec)
-        if HAS_SMOOTHING:
-            zs_vec += z - c
-    if n_full * BLOCK_V < V:
-        mask = n_full * BLOCK_V + cols0 < V
-        z = _transform(x_n1, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-        if HAS_SMOOTHING:
-            zs_vec += tl.where(mask, z - c, 0.0)
-        m, s_vec = _lse_step(tl.where(mask, z, -float("inf")), m, s_vec)
-    log_s = tl.log(tl.sum(s_vec, 0))
-    # lse - (1 - eps) z_y - eps/V sum z + z_loss lse^2, with lse = m + log s kept split
-    loss = log_s + (1.0 - eps) * (m - z_y)
-    if HAS_SMOOTHING:
-        loss = loss + eps * (m - c - tl.sum(zs_vec, 0) / V)
-    if HAS_ZLOSS:
-        loss = loss + z_loss * (m + log_s) * (m + log_s)
-    loss = tl.where(in_range, loss, float("nan"))
-    return loss, m, log_s
+def _unpack(w, PAIRS: tl.constexpr):
+    """fp32 logits from loaded units. PAIRS: an int32 word holds two bf16 logits (the even column
+    in the low half); a bf16 is the top half of an fp32, so the high logit is the word with its
+    low 16 bits cleared and the low one the word shifted up: one integer op per logit. Otherwise
+    the unit is one logit (the second result repeats it and is not used)."""
+    if PAIRS:
+        lo = (w << 16).to(tl.float32, bitcast=True)
+        hi = (w & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo = w.to(tl.float32)
+        hi = lo
+    return lo, hi
 
 
 @triton.jit
-def _ce_row_grad(
-    x_row,
-    g_row,
-    label,
-    in_range,
-    m,
-    log_s,
-    w,
-    V,
-    eps,
-    softcap,
-    z_loss,
-    logit_scale,
-    BLOCK_V: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-    HAS_ZLOSS: tl.constexpr,
-):
-    """Pass 2 over one valid row, chunks in reverse order (the chunks read last in pass 1 are the
-    ones most likely still in L2): g = (a softmax(z) - uni - tgt [j = y]) (1 - tanh^2), the tanh
-    factor only with a softcap. The scalars a, uni, tgt fold w, the z-loss factor and logit_scale,
-    so a chunk costs one FADD, one FFMA, one exp2 and one FMUL per element. The label's element
-    is not special-cased inside the loop (a comparison per element); it is written once more
-    after the loop, from its logit loaded before any chunk is overwritten."""
-    cols0 = tl.arange(0, BLOCK_V)
-    last = tl.cdiv(V, BLOCK_V) - 1
-    a = w
-    if HAS_ZLOSS:
-        a = w * (1.0 + 2.0 * z_loss * (m + log_s))
-    tgt = w * (1.0 - eps)
-    uni = w * eps / V
-    if HAS_SCALE:
-        a = a * logit_scale
-        tgt = tgt * logit_scale
-        uni = uni * logit_scale
-    ls2 = log_s * 1.4426950408889634
-    # the label's gradient, from its logit read before the loop (in place, the loop overwrites it)
-    z_y = tl.load(x_row + tl.where(in_range, label, 0)).to(tl.float32)
-    if HAS_SCALE:
-        z_y = z_y * logit_scale
-    if HAS_SOFTCAP:
-        t_y = _tanh(z_y / softcap)
-        z_y = softcap * t_y
-    d_y = a * tl.exp2((z_y - m) * 1.4426950408889634 - ls2) - tgt
+def _bf16_bits(f):
+    """bf16 bit pattern (round to nearest even) of fp32 ``f`` in the low 16 bits of an int32; the
+    interpreter's path (the GPU packs a pair with one cvt instruction)."""
+    b = f.to(tl.uint32, bitcast=True)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).to(tl.int32, bitcast=True)
+    return tl.where(f != f, 0x7FC0, r)
+
+
+@triton.jit
+def _pack(g_lo, g_hi, out_ty: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr):
+    """Gradient units to store: PAIRS packs two fp32 into one word of two bf16 (cvt.rn.bf16x2,
+    one instruction per pair, on the GPU), otherwise a cast to the output dtype."""
+    if PAIRS:
+        if ASM:
+            w = tl.inline_asm_elementwise(
+                "cvt.rn.bf16x2.f32 $0, $1, $2;",
+                "=r,f,f",
+                [g_hi, g_lo],
+                dtype=tl.int32,
+                is_pure=True,
+                pack=1,
+            )
+        else:
+            w = (_bf16_bits(g_hi) << 16) | (_bf16_bits(g_lo) & 0xFFFF)
+    else:
+        w = g_lo.to(out_ty)
+    return w
+
+
+@triton.jit
+def _ld(base, c, offs, lim, CH: tl.constexpr, EVICT: tl.constexpr, MASKED: tl.constexpr):
+    """Chunk ``c`` of a row (``offs`` are the tile's unit offsets), units at or past ``lim``
+    masked. evict_last keeps lines pass 2 will re-read in L2; evict_first marks the rest."""
+    o = c * CH + offs
+    if MASKED:
+        v = tl.load(base + o, mask=o < lim, eviction_policy=EVICT)
+    else:
+        v = tl.load(base + o, eviction_policy=EVICT)
+    return v
+
+
+@triton.jit
+def _shift(b0, b1, b2, new, PF: tl.constexpr):
+    """Advance the prefetch queue: returns (chunk to use now, new queue)."""
+    w = b0
+    if PF == 1:
+        b0 = new
+    elif PF == 2:
+        b0 = b1
+        b1 = new
+    else:
+        b0 = b1
+        b1 = b2
+        b2 = new
+    return w, b0, b1, b2
+
+
+@triton.jit
+def _p1(w, c, last, offs, VU, m_t, d_t, s_t, zs_t, c0, logit_scale, softcap,
+        CH: tl.constexpr, PAIRS: tl.constexpr, HAS_SCALE: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr):  # fmt: skip
+    """Pass 1 on one chunk: a per-THREAD online log-sum-exp (no cross-thread traffic per chunk).
+
+    Thread t keeps its running max m_t, the reference d_t = fl(m_t log2 e) and
+    s_t = sum 2^(z log2 e - d_t) over the logits it has seen. A chunk costs per logit one max,
+    one FFMA (z log2 e - d, the product exact inside the FMA), one exp2 and one add; per thread
+    one rescale 2^(d_old - d_new) (clamped at 1: only the placeholder d = 0 of a thread that has
+    seen nothing can exceed d_new, and its s_t is 0). Only the ragged last chunk (``last``)
+    masks its tail to -inf."""
+    za, zb = _unpack(w, PAIRS)
+    za = _transform(za, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+    if PAIRS:
+        zb = _transform(zb, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+    if last:
+        ok = c * CH + offs < VU
+        za = tl.where(ok, za, -float("inf"))
+        if PAIRS:
+            zb = tl.where(ok, zb, -float("inf"))
+    mx = tl.max(tl.max(za, 2), 0)
+    if PAIRS:
+        mx = tl.maximum(mx, tl.max(tl.max(zb, 2), 0))
+    m_t = tl.maximum(m_t, mx)
+    d_new = tl.where(m_t > -float("inf"), m_t * 1.4426950408889634, 0.0)
+    s_t = s_t * tl.exp2(tl.minimum(d_t - d_new, 0.0))
+    dd = d_new[None, :, None]
+    e = tl.exp2(tl.fma(za, 1.4426950408889634, -dd))
+    if PAIRS:
+        e += tl.exp2(tl.fma(zb, 1.4426950408889634, -dd))
+    s_t += tl.sum(tl.sum(e, 2), 0)
     if HAS_SMOOTHING:
-        d_y = d_y - uni
+        # sum (z - c0), c0 the row's first logit: the shift keeps the fp32 sum exact at |z| ~ 1e4
+        ok2 = c * CH + offs < VU
+        zc = tl.where(ok2, za - c0, 0.0)
+        if PAIRS:
+            zc += tl.where(ok2, zb - c0, 0.0)
+        zs_t += tl.sum(tl.sum(zc, 2), 0)
+    return m_t, d_new, s_t, zs_t
+
+
+@triton.jit
+def _g(x, hi, a, uni, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+       HAS_SMOOTHING: tl.constexpr):  # fmt: skip
+    """d loss / d x for one logit (fp32): a 2^(z log2 e - hi) - uni, times (1 - tanh^2) with a
+    softcap; a, uni fold the row weight, z-loss factor, logit_scale and 2^(-residual of hi)."""
+    z = x
+    if HAS_SCALE:
+        z = z * logit_scale
     if HAS_SOFTCAP:
-        d_y = d_y * (1.0 - t_y * t_y)
-    # prefetch two chunks deep, backwards; a prefetch before column 0 is fully masked (limit 0)
-    x_n1 = _load_chunk(x_row, last * BLOCK_V + cols0, V, False)
-    x_n2 = _load_chunk(
-        x_row, tl.maximum(last - 1, 0) * BLOCK_V + cols0, tl.where(last >= 1, V, 0), False
-    )
-    for j in range(0, last + 1):
-        start = (last - j) * BLOCK_V
-        x = x_n1
-        x_n1 = x_n2
-        pre = start - 2 * BLOCK_V
-        x_n2 = _load_chunk(x_row, tl.maximum(pre, 0) + cols0, tl.where(pre >= 0, V, 0), False)
-        z = x.to(tl.float32)
-        if HAS_SCALE:
-            z = z * logit_scale
-        if HAS_SOFTCAP:
-            t = _tanh(z / softcap)
-            z = softcap * t
-        d = a * tl.exp2((z - m) * 1.4426950408889634 - ls2)
-        if HAS_SMOOTHING:
-            d = d - uni
-        if HAS_SOFTCAP:
-            d = d * (1.0 - t * t)
-        cols = start + cols0
-        # g_row may alias x_row (in-place gradient): this chunk was read above, the chunks still
-        # to be read lie before it
-        tl.store(
-            g_row + cols, d.to(g_row.dtype.element_ty), mask=cols < V, eviction_policy="evict_first"
-        )
-    # the barrier orders the chunk stores of every thread before this overwrite of one element
-    tl.debug_barrier()
-    tl.store(g_row + tl.where(in_range, label, 0), d_y.to(g_row.dtype.element_ty), mask=in_range)
+        t = _tanh(z / softcap)
+        z = softcap * t
+    d = a * tl.exp2(tl.fma(z, 1.4426950408889634, -hi))
+    if HAS_SMOOTHING:
+        d = d - uni
+    if HAS_SOFTCAP:
+        d = d * (1.0 - t * t)
+    return d
+
+
+@triton.jit
+def _p2(w, hi, a, uni, logit_scale, softcap, out_ty: tl.constexpr, PAIRS: tl.constexpr,
+        ASM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        HAS_SMOOTHING: tl.constexpr):  # fmt: skip
+    """Pass 2 on one chunk: the gradient units to store (the label's element is fixed later)."""
+    xa, xb = _unpack(w, PAIRS)
+    ga = _g(xa, hi, a, uni, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, HAS_SMOOTHING)
+    gb = ga
+    if PAIRS:
+        gb = _g(xb, hi, a, uni, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, HAS_SMOOTHING)
+    return _pack(ga, gb, out_ty, PAIRS, ASM)
 
 
 @triton.jit
@@ -472,218 +491,244 @@ def _ce_kernel(
     x_ptr,
     stride_x,
     y_ptr,
+    order_ptr,
+    info_ptr,
     g_ptr,
     stride_g,
     loss_ptr,
     stats_ptr,
-    wden_ptr,
-    wden_val,
+    w_ptr,
+    w_val,
     go_ptr,
     stride_go,
     T,
     V,
+    VU,
     ignore_index,
     eps,
     softcap,
     z_loss,
     logit_scale,
-    BLOCK_V: tl.constexpr,
-    GRID_MULT: tl.constexpr,
+    NW: tl.constexpr,
+    K: tl.constexpr,
+    VEC: tl.constexpr,
+    PF: tl.constexpr,
+    PAIRS: tl.constexpr,
+    ASM: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr,
-    STATS_GIVEN: tl.constexpr,
+    PASS1: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
-    WDEN_PTR: tl.constexpr,
+    W_PTR: tl.constexpr,
     ROW_GO: tl.constexpr,
 ):
-    """Cross-entropy rows: loss, log-sum-exp statistics and (optionally) d loss / d logits.
+    """Cross-entropy rows: loss, statistics and (optionally) d loss / d logits, persistent grid.
 
-    Each program walks rows ``pid, pid + nprog, ...`` (GRID_MULT > 0 makes the grid persistent,
-    GRID_MULT programs per SM; 0 launches one program per row). Per valid row:
+    Rows come from ``order`` (see _label_scan_kernel): program p takes the counted rows
+    order[p], order[p + P], ... (P programs), then the ignored rows the same way (loss 0,
+    statistics 0, a zero gradient written without reading the row). A row is read in chunks of
+    CH = K * (32 NW) * VEC units (a unit is one logit, or with PAIRS an int32 holding two bf16);
+    the tile is (K, 32 NW threads, VEC units), so every load is a 16-byte vector per thread and
+    each warp's 32 vectors are contiguous. Per counted row r with label y:
 
-    pass 1 (unless STATS_GIVEN), vocab chunks in order, one read of the row:
-        z = softcap(logit_scale * x);  m' = max(m, max z);  s = s exp(m - m') + sum exp(z - m')
-        z_y by one scalar load (a label outside [0, V) is never dereferenced), and for smoothing
-        sum (z - c) with c = z_0 (a shift that keeps the fp32 sum exact for |z| ~ 1e4)
-        lse = m + log s;  loss = lse - (1 - eps) z_y - eps/V sum z + z_loss lse^2, evaluated as
-        log s + (1 - eps)(m - z_y) + eps (m - c - sum(z - c)/V) + z_loss lse^2
-        stats[row] = (m, log s): softmax = exp(z - m - log s) stays accurate where lse is large
-    pass 2 (WRITE_GRAD), chunks in reverse order, writes
-        g = w s (1 - tanh^2) ((1 + 2 z_loss lse) softmax(z) - (1 - eps)[j = y] - eps/V)
-    with the row weight w = (1 / normalizer) [* grad_output[row] when ROW_GO]; a bad label makes
-    it NaN. Rows whose label is ignore_index read nothing: loss 0, stats (0, 0), gradient 0.
-    ``g_ptr`` may alias ``x_ptr`` (in-place gradient): each chunk is read before it is written.
+    pass 1 (PASS1), chunks in order: per-thread online log-sum-exp (_p1), then one block-wide
+    combine: m = max z, L = log2 sum 2^((z - m) log2 e) (so lse = m + L ln 2), and
+        loss = (lse - m) + (1 - eps)(m - z_y) + eps (m - c0 - sum(z - c0)/V) + z_loss lse^2,
+    times the weight w0 (1/normalizer); z_y is one scalar load (a label outside [0, V) is never
+    dereferenced: NaN loss). stats[r] = (m, L).
+    pass 2 (WRITE_GRAD), chunks in reverse order (the chunks read last are the first re-read,
+    still in L2), writes g = w s (1 - tanh^2)((1 + 2 z_loss lse) softmax(z) - (1 - eps)[j = y]
+    - eps/V) with w = w0 [* grad_out[r] with ROW_GO]. softmax = 2^(z log2 e - hi) 2^(-lo) with
+    hi + lo = m log2 e + L split in two floats, so one FFMA and one exp2 per logit stay exact at
+    |z| ~ 1e4. The label's element is written last, after a barrier, from its logit loaded at row
+    start (g may alias x: the in-place gradient).
+
+    Loads run PF chunks ahead through one queue that crosses from pass 1 into pass 2 and from one
+    row into the next, so an SM never waits for a row's first bytes. Pass-1 loads are evict_last
+    when pass 2 follows, pass-2 loads evict_first, gradient stores streaming (.cs). Needs
+    PF <= cdiv(VU, CH) (the host picks PF so).
     """
+    NT: tl.constexpr = NW * 32
+    CH: tl.constexpr = K * NT * VEC
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    if WDEN_PTR:
-        w0 = tl.load(wden_ptr).to(tl.float32)
+    if PAIRS:
+        xu = x_ptr.to(tl.pointer_type(tl.int32))
+        gu = g_ptr.to(tl.pointer_type(tl.int32))
+        sxu = stride_x // 2
+        sgu = stride_g // 2
     else:
-        w0 = wden_val
-    pid64 = pid.to(tl.int64)
-    for it in range(0, tl.cdiv(T - pid, nprog)):
-        r = pid64 + it * nprog
+        xu = x_ptr
+        gu = g_ptr
+        sxu = stride_x
+        sgu = stride_g
+    offs = (
+        tl.arange(0, K)[:, None, None] * (NT * VEC)
+        + tl.arange(0, NT)[None, :, None] * VEC
+        + tl.arange(0, VEC)[None, None, :]
+    )
+    n = tl.cdiv(VU, CH)
+    nv = tl.load(info_ptr)
+    if W_PTR:
+        w0 = 1.0 / tl.maximum(tl.load(w_ptr).to(tl.float32), 1.0)
+    else:
+        w0 = w_val
+    # pass-1 loads keep lines in L2 only when pass 2 re-reads them
+    if PASS1 and WRITE_GRAD:
+        EV1: tl.constexpr = "evict_last"
+    else:
+        EV1: tl.constexpr = "evict_first"
+    R = tl.cdiv(nv - pid, nprog)  # counted rows of this program (pid < nprog, so >= 0)
+
+    # prefetch the first PF chunks of this program's first row
+    r0 = tl.load(order_ptr + pid, mask=R > 0, other=0).to(tl.int64)
+    lim0 = tl.where(R > 0, VU, 0)
+    if PASS1:
+        b0 = _ld(xu + r0 * sxu, 0, offs, lim0, CH, EV1, True)
+    else:
+        b0 = _ld(xu + r0 * sxu, n - 1, offs, lim0, CH, EV1, True)
+    b1 = b0
+    b2 = b0
+    if PF >= 2:
+        if PASS1:
+            b1 = _ld(xu + r0 * sxu, 1, offs, lim0, CH, EV1, True)
+        else:
+            b1 = _ld(xu + r0 * sxu, n - 2, offs, lim0, CH, EV1, True)
+    if PF >= 3:
+        if PASS1:
+            b2 = _ld(xu + r0 * sxu, 2, offs, lim0, CH, EV1, True)
+        else:
+            b2 = _ld(xu + r0 * sxu, n - 3, offs, lim0, CH, EV1, True)
+
+    for i in range(0, R):
+        j = pid + i * nprog
+        r = tl.load(order_ptr + j).to(tl.int64)
+        has_next = i + 1 < R
+        r_nx = tl.load(order_ptr + j + nprog, mask=has_next, other=0).to(tl.int64)
+        lim_nx = tl.where(has_next, VU, 0)
+        base = xu + r * sxu
+        base_nx = xu + r_nx * sxu
+        x_row = x_ptr + r * stride_x
         label = tl.load(y_ptr + r).to(tl.int64)
         in_range = (label >= 0) & (label < V)
-        x_row = x_ptr + r * stride_x
-        g_row = g_ptr + r * stride_g
-        if label != ignore_index:
-            if STATS_GIVEN:
-                m = tl.load(stats_ptr + 2 * r)
-                log_s = tl.load(stats_ptr + 2 * r + 1)
-            else:
-                loss, m, log_s = _ce_row_stats(
-                    x_row, label, in_range, V, eps, softcap, z_loss, logit_scale, BLOCK_V,
-                    HAS_SCALE, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS, WRITE_GRAD,
+        col_y = tl.where(in_range, label, 0)
+        # the target's logit, read before pass 2 can overwrite it
+        x_y = tl.load(x_row + col_y).to(tl.float32)
+        c0 = 0.0
+        if HAS_SMOOTHING:
+            c0 = _transform(
+                tl.load(x_row).to(tl.float32), logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP
+            )
+        if PASS1:
+            m_t = tl.full([NT], -float("inf"), tl.float32)
+            d_t = tl.zeros([NT], tl.float32)
+            s_t = tl.zeros([NT], tl.float32)
+            zs_t = tl.zeros([NT], tl.float32)
+            for q in range(0, n - PF):
+                nxt = _ld(base, q + PF, offs, VU, CH, EV1, True)
+                w, b0, b1, b2 = _shift(b0, b1, b2, nxt, PF)
+                m_t, d_t, s_t, zs_t = _p1(
+                    w, q, False, offs, VU, m_t, d_t, s_t, zs_t, c0, logit_scale, softcap,
+                    CH, PAIRS, HAS_SCALE, HAS_SOFTCAP, HAS_SMOOTHING,
                 )  # fmt: skip
-                tl.store(loss_ptr + r, loss)
-                tl.store(stats_ptr + 2 * r, m)
-                tl.store(stats_ptr + 2 * r + 1, log_s)
-            if WRITE_GRAD:
-                w = w0
-                if ROW_GO:
-                    w = w * tl.load(go_ptr + r * stride_go).to(tl.float32)
-                w = tl.where(in_range, w, float("nan"))
-                _ce_row_grad(
-                    x_row, g_row, label, in_range, m, log_s, w, V, eps, softcap, z_loss,
-                    logit_scale,
-                    BLOCK_V, HAS_SCALE, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS,
+            for q in range(n - PF, n):
+                if WRITE_GRAD:
+                    # the queue runs on into pass 2 of this row: chunk n - 1 first
+                    nxt = _ld(base, 2 * n - 1 - (q + PF), offs, VU, CH, "evict_first", True)
+                else:
+                    nxt = _ld(base_nx, q + PF - n, offs, lim_nx, CH, EV1, True)
+                w, b0, b1, b2 = _shift(b0, b1, b2, nxt, PF)
+                m_t, d_t, s_t, zs_t = _p1(
+                    w, q, q == n - 1, offs, VU, m_t, d_t, s_t, zs_t, c0, logit_scale, softcap,
+                    CH, PAIRS, HAS_SCALE, HAS_SOFTCAP, HAS_SMOOTHING,
                 )  # fmt: skip
+            # combine the threads: m, and s relative to d = fl(m log2 e)
+            m = tl.max(m_t, 0)
+            d_row = m * 1.4426950408889634
+            part = tl.where(m_t > -float("inf"), s_t * tl.exp2(d_t - d_row), 0.0)
+            # L = log2 sum 2^((z - m) log2 e); the FMA gives d_row - m log2 e exactly
+            L = tl.log2(tl.sum(part, 0)) + tl.fma(m, -1.4426950408889634, d_row)
+            z_y = _transform(x_y, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+            lse_m = L * 0.6931471805599453
+            loss = lse_m + (1.0 - eps) * (m - z_y)
+            if HAS_SMOOTHING:
+                loss = loss + eps * (m - c0 - tl.sum(zs_t, 0) / V)
+            if HAS_ZLOSS:
+                loss = loss + z_loss * (m + lse_m) * (m + lse_m)
+            loss = tl.where(in_range, loss, float("nan"))
+            tl.store(loss_ptr + r, loss * w0)
+            tl.store(stats_ptr + 2 * r, m)
+            tl.store(stats_ptr + 2 * r + 1, L)
         else:
-            if not STATS_GIVEN:
-                tl.store(loss_ptr + r, 0.0)
-                tl.store(stats_ptr + 2 * r, 0.0)
-                tl.store(stats_ptr + 2 * r + 1, 0.0)
-            if WRITE_GRAD:
-                zero = tl.zeros([BLOCK_V], dtype=g_ptr.dtype.element_ty)
-                for j in range(0, tl.cdiv(V, BLOCK_V)):
-                    cols = j * BLOCK_V + tl.arange(0, BLOCK_V)
-                    tl.store(g_row + cols, zero, mask=cols < V)
+            m = tl.load(stats_ptr + 2 * r)
+            L = tl.load(stats_ptr + 2 * r + 1)
+        if WRITE_GRAD:
+            wr = w0
+            if ROW_GO:
+                wr = wr * tl.load(go_ptr + r * stride_go).to(tl.float32)
+            wr = tl.where(in_range, wr, float("nan"))
+            hi = tl.fma(m, 1.4426950408889634, L)
+            lo = tl.fma(m, 1.4426950408889634, -hi) + L
+            a = wr * tl.exp2(-lo)
+            if HAS_ZLOSS:
+                a = a * (1.0 + 2.0 * z_loss * (m + L * 0.6931471805599453))
+            tgt = wr * (1.0 - eps)
+            uni = wr * eps / V
+            if HAS_SCALE:
+                a = a * logit_scale
+                tgt = tgt * logit_scale
+                uni = uni * logit_scale
+            g_row = g_ptr + r * stride_g
+            gb = gu + r * sgu
+            for p in range(0, n - PF):
+                # chunks n - 1 - (p + PF) >= 0 are never the ragged last one: no mask
+                nxt = _ld(base, n - 1 - (p + PF), offs, VU, CH, "evict_first", False)
+                w, b0, b1, b2 = _shift(b0, b1, b2, nxt, PF)
+                o = (n - 1 - p) * CH + offs
+                gw = _p2(w, hi, a, uni, logit_scale, softcap, g_ptr.dtype.element_ty, PAIRS,
+                         ASM, HAS_SCALE, HAS_SOFTCAP, HAS_SMOOTHING)  # fmt: skip
+                tl.store(gb + o, gw, mask=o < VU, cache_modifier=".cs")
+            for p in range(n - PF, n):
+                # the queue runs on into the next row
+                if PASS1:
+                    nxt = _ld(base_nx, p + PF - n, offs, lim_nx, CH, EV1, True)
+                else:
+                    nxt = _ld(base_nx, 2 * n - 1 - (p + PF), offs, lim_nx, CH, EV1, True)
+                w, b0, b1, b2 = _shift(b0, b1, b2, nxt, PF)
+                o = (n - 1 - p) * CH + offs
+                gw = _p2(w, hi, a, uni, logit_scale, softcap, g_ptr.dtype.element_ty, PAIRS,
+                         ASM, HAS_SCALE, HAS_SOFTCAP, HAS_SMOOTHING)  # fmt: skip
+                tl.store(gb + o, gw, mask=o < VU, cache_modifier=".cs")
+            # the label's element: (a softmax - tgt - uni)(1 - tanh^2), after every chunk store
+            z = x_y
+            if HAS_SCALE:
+                z = z * logit_scale
+            if HAS_SOFTCAP:
+                t_y = _tanh(z / softcap)
+                z = softcap * t_y
+            d_y = a * tl.exp2(tl.fma(z, 1.4426950408889634, -hi)) - tgt
+            if HAS_SMOOTHING:
+                d_y = d_y - uni
+            if HAS_SOFTCAP:
+                d_y = d_y * (1.0 - t_y * t_y)
+            tl.debug_barrier()
+            tl.store(g_row + col_y, d_y.to(g_ptr.dtype.element_ty), mask=in_range)
 
-
-def _ce_configs() -> list:
-    """Hopper candidates. A row of V = 128256 bf16 is 250.5 KiB. Pass 2 re-reads it from L2 only if
-    the rows in flight fit there: one program per SM holds 132 rows = 33 MB (H100/H200 L2:
-    50 MB), and the reverse order halves the average reuse distance; two per SM (66 MB) lose part
-    of it, more lose most of it (three HBM passes instead of two). Each program must then keep
-    enough bytes in flight by itself: 16 warps, 8192-column chunks (16 KiB of bf16) prefetched
-    two deep = 32 KiB per SM (~32 GB/s per SM at ~1 us latency, the SM's share of HBM). 16
-    columns per thread and chunk keep it at ~113 registers (32 per thread would spill at 16
-    warps). Persistent (GRID_MULT 1) and one program per row (GRID_MULT 0, which at 16 warps
-    also fits one program per SM) differ only in launch and tail behaviour; the 2-per-SM and
-    4096/8-warp configurations (the best before the rewrite) cover the case where more latency
-    hiding beats L2 reuse."""
-    c = triton.Config
-    return pick_configs(
-        [
-            c({"BLOCK_V": 8192, "GRID_MULT": 1}, num_warps=16),
-            c({"BLOCK_V": 8192, "GRID_MULT": 0}, num_warps=16),
-            c({"BLOCK_V": 4096, "GRID_MULT": 2}, num_warps=8),
-            c({"BLOCK_V": 4096, "GRID_MULT": 0}, num_warps=8),
-            c({"BLOCK_V": 2048, "GRID_MULT": 0}, num_warps=4),
-        ]
-    )
-
-
-def _prune_ce_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Keep BLOCK_V <= max(2048, next_pow2(V)) (no block far wider than a small vocabulary), and
-    for V >= 16384 drop blocks under 4096 (many chunks per row; only worth it for small V)."""
-    vocab = int(named_args.get("V", kwargs.get("V")))
-    cap = max(2048, next_power_of_2(vocab))
-    floor = 4096 if vocab >= 16384 else 1
-    kept = [c for c in configs if floor <= c.kwargs["BLOCK_V"] <= cap]
-    return kept or configs[:1]
-
-
-# x_ptr is restored after each timing run: an in-place gradient overwrites the kernel's input.
-_ce_kernel_tuned = triton.autotune(
-    configs=_ce_configs(),
-    key=["V", "HAS_SOFTCAP", "STATS_GIVEN", "WRITE_GRAD"],
-    prune_configs_by={"early_config_prune": _prune_ce_configs},
-    restore_value=["x_ptr"],
-)(_ce_kernel)
-
-# Under the interpreter the block is small so that tests with V of a few hundred or thousand run
-# the chunk loop; tests lower it further to exercise more chunks.
-_INTERPRET_BLOCK_V = 256
-
-
-@dataclass(frozen=True)
-class _Opts:
-    ignore_index: int
-    label_smoothing: float
-    softcap: float | None
-    z_loss: float
-    logit_scale: float
-
-
-def _launch_ce(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    opts: _Opts,
-    loss_rows: torch.Tensor,
-    stats: torch.Tensor,
-    wden: float | torch.Tensor,
-    grad: torch.Tensor | None = None,
-    go: torch.Tensor | None = None,
-    stats_given: bool = False,
-) -> None:
-    """Run ``_ce_kernel`` on rows of ``x`` (T, V) with unit column stride.
-
-    ``wden`` is the row weight 1/normalizer as a Python float or a 1-element device tensor (no host
-    sync); ``grad`` (may be ``x`` itself) receives the gradient; ``go`` (T,) multiplies each row's
-    gradient (reduction "none"); ``stats`` (T, 2) fp32 holds (max, log sum exp(z - max)) per row,
-    written by pass 1 or, with ``stats_given``, read instead of running pass 1.
-    """
-    rows, vocab = x.shape
-    if rows == 0:
-        return
-    wden_is_ptr = isinstance(wden, torch.Tensor)
-    g = grad if grad is not None else loss_rows
-    go_t = go if go is not None else loss_rows
-    args = (
-        x,
-        x.stride(0),
-        y,
-        g,
-        g.stride(0) if grad is not None else 0,
-        loss_rows,
-        stats,
-        wden if wden_is_ptr else loss_rows,
-        1.0 if wden_is_ptr else float(wden),
-        go_t,
-        go_t.stride(0) if go is not None else 0,
-        rows,
-        vocab,
-        int(opts.ignore_index),
-        float(opts.label_smoothing),
-        float(opts.softcap) if opts.softcap is not None else 1.0,
-        float(opts.z_loss),
-        float(opts.logit_scale),
-    )
-    flags = dict(
-        HAS_SCALE=opts.logit_scale != 1.0,
-        HAS_SOFTCAP=opts.softcap is not None,
-        HAS_SMOOTHING=opts.label_smoothing != 0.0,
-        HAS_ZLOSS=opts.z_loss != 0.0,
-        STATS_GIVEN=stats_given,
-        WRITE_GRAD=grad is not None,
-        WDEN_PTR=wden_is_ptr,
-        ROW_GO=go is not None,
-    )
-    if interpreter_enabled():
-        block = min(_INTERPRET_BLOCK_V, next_power_of_2(vocab))
-        _ce_kernel[(rows,)](*args, BLOCK_V=block, GRID_MULT=0, num_warps=4, **flags)
-        return
-    sms = num_sms(x.device)
-
-    def grid(meta: dict) -> tuple[int]:
-        mult = meta["GRID_MULT"]
-        return (rows if mult == 0 else min(rows, mult * sms),)
-
-    _ce_kernel_tuned[grid](*args, **flags)
+    # ignored rows: loss 0, statistics 0, a zero gradient; nothing is read
+    zero = tl.zeros([K, NT, VEC], dtype=gu.dtype.element_ty)
+    for i in range(0, tl.cdiv(T - nv - pid, nprog)):
+        r = tl.load(order_ptr + nv + pid + i * nprog).to(tl.int64)
+        if PASS1:
+            tl.store(loss_ptr + r, 0.0)
+            tl.store(stats_ptr + 2 * r, 0.0)
+            tl.store(stats_ptr + 2 * r + 1, 0.0)
+        if WRITE_GRAD:
+            gb = gu + r * sgu
+            for c in range(0, n):
+                o = c * CH + offs
+                tl.store(gb + o, zero, mask=o < VU, cache_modifier=".cs")
 
 
 @triton.jit
@@ -703,6 +748,241 @@ def _scale_kernel(x_ptr, n, go_ptr, BLOCK: tl.constexpr):
             tl.store(x_ptr + offs, (x.to(tl.float32) * go).to(x_ptr.dtype.element_ty), mask=mask)
 
 
+# ------------------------------------------------------------------------------------------------
+# launch configuration (the arithmetic is in docs/kernels/cross_entropy.md)
+# ------------------------------------------------------------------------------------------------
+
+# Rows at least this long (bytes) take the persistent one-program-per-SM configuration: the
+# in-flight rows (one per SM, 132 x 250.5 KiB = 33 MB at V = 128256 in bf16) then fit the 50 MB
+# L2 so pass 2 re-reads them from L2, and each program keeps PF chunks of 16 KiB in flight.
+_LONG_ROW_BYTES = 64 * 1024
+
+# Long-row candidates (NW warps, K vectors of 16 bytes per thread per chunk, PF chunks ahead);
+# the first is the default, the autotuner picks among them once per shape. 16 warps x 2 vectors
+# = 16 KiB chunks; three in flight = 48 KiB per SM, enough for an SM's share of HBM bandwidth
+# (~32 GB/s) at ~1.5 us loaded latency. The 32-warp variant hides latency with warps instead of
+# registers (the same bytes in flight, 64 registers a thread at most).
+_LONG_CONFIGS = (
+    {"NW": 16, "K": 2, "PF": 3},
+    {"NW": 16, "K": 2, "PF": 2},
+    {"NW": 32, "K": 1, "PF": 3},
+)
+
+# Under the interpreter: one warp and two 16-byte vectors per thread make chunks of 64 units
+# (64 fp32 / 128 fp16 / 256 bf16 logits), and 3 programs, so tests with V of a few hundred run
+# several chunks per row and several rows per program. Tests lower the program count further.
+_INTERPRET_CONFIG = {"NW": 1, "K": 2, "PF": 2, "programs": 3}
+
+_SCAN_BLOCK = 4096
+_INTERPRET_SCAN_BLOCK = 8
+
+
+@dataclass(frozen=True)
+class _Opts:
+    ignore_index: int
+    label_smoothing: float
+    softcap: float | None
+    z_loss: float
+    logit_scale: float
+
+
+@dataclass
+class _Rows:
+    """The label scan's result for one set of rows: ``order`` (counted rows first, then the
+    ignored ones) and ``info`` = (counted rows, bad labels, first bad row) on the device."""
+
+    order: torch.Tensor
+    info: torch.Tensor
+
+
+def _scan_labels(y: torch.Tensor, vocab: int, ignore_index: int) -> _Rows:
+    rows = y.numel()
+    order = torch.empty(max(rows, 1), dtype=torch.int32, device=y.device)
+    info = torch.empty(4, dtype=torch.int32, device=y.device)
+    block = _INTERPRET_SCAN_BLOCK if interpreter_enabled() else _SCAN_BLOCK
+    _label_scan_kernel[(1,)](y, order, info, rows, vocab, ignore_index, BLOCK=block, num_warps=8)
+    return _Rows(order, info)
+
+
+class _LabelCheck:
+    """The bad-label count goes to pinned host memory by a copy on a side stream that waits only
+    for the scan: the CE kernel queued behind the scan on the caller's stream does not wait for
+    the copy, and ``finish`` (called after that launch) waits for the copy only, so the GPU keeps
+    working while the host checks. One pinned buffer, side stream and two events per thread and
+    device (the host reads the buffer before the next call can overwrite it)."""
+
+    _local = threading.local()
+
+    def __init__(self, rows: _Rows) -> None:
+        self.info = rows.info
+        self.done = None
+        if not rows.info.is_cuda:
+            return
+        if torch.cuda.is_current_stream_capturing():
+            self.info = None  # no host sync inside a CUDA graph capture: not checked
+            return
+        cache = self._local.__dict__.setdefault("bufs", {})
+        dev = rows.info.device
+        if dev.index not in cache:
+            cache[dev.index] = (
+                torch.empty(4, dtype=torch.int32, pin_memory=True),
+                torch.cuda.Stream(dev),
+                torch.cuda.Event(),
+                torch.cuda.Event(),
+            )
+        self.host, side, scanned, self.done = cache[dev.index]
+        scanned.record()
+        side.wait_event(scanned)
+        with torch.cuda.stream(side):
+            self.host.copy_(rows.info, non_blocking=True)
+            self.done.record(side)
+
+    def finish(self, y: torch.Tensor, vocab: int, ignore_index: int) -> None:
+        if self.info is None:
+            return
+        if self.done is not None:
+            self.done.synchronize()
+            vals = self.host.tolist()
+        else:
+            vals = self.info.tolist()
+        if vals[1]:
+            row = int(vals[2])
+            raise ValueError(
+                f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found "
+                f"{int(y[row])} at row {row} ({vals[1]} such label(s))"
+            )
+
+
+def _units(x: torch.Tensor, g: torch.Tensor | None) -> tuple[bool, int]:
+    """(PAIRS, VEC): bf16 rows of even length with even strides and 4-byte aligned bases are read
+    as int32 words of two logits; VEC = units per 16-byte vector."""
+    vocab = x.shape[1]
+    pairs = (
+        x.dtype == torch.bfloat16
+        and vocab % 2 == 0
+        and all(t.stride(0) % 2 == 0 and t.data_ptr() % 4 == 0 for t in (x, g) if t is not None)
+    )
+    vec = 4 if pairs or x.element_size() == 4 else 8
+    return pairs, vec
+
+
+def _short_config(vu: int, vec: int) -> dict:
+    """Rows under _LONG_ROW_BYTES: one 16-byte vector per thread and chunk, 4 or 8 warps (a chunk
+    of 128 or 256 vectors covers short rows in one or two chunks), 32 warps' worth of programs
+    per SM; L2 reuse is no concern (all rows in flight take a few MB)."""
+    nw = 8 if vu > 4 * 32 * vec else 4
+    return {"NW": nw, "K": 1, "PF": 2, "ctas_per_sm": 32 // nw}
+
+
+def _prune_long(configs: list, named_args: dict, **kwargs) -> list:
+    """Keep configurations whose prefetch depth fits the row (PF <= chunks per row)."""
+    vu = int(named_args.get("VU", kwargs.get("VU")))
+    vec = int(named_args.get("VEC", kwargs.get("VEC")))
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["PF"] <= triton.cdiv(vu, c.kwargs["K"] * c.kwargs["NW"] * 32 * vec)
+    ]
+    return kept or configs[:1]
+
+
+def _long_configs() -> list:
+    return pick_configs([triton.Config(dict(c), num_warps=c["NW"]) for c in _LONG_CONFIGS])
+
+
+# x_ptr is restored after each timing run: an in-place gradient overwrites the kernel's input.
+_ce_kernel_tuned = triton.autotune(
+    configs=_long_configs(),
+    key=["VU", "PAIRS", "VEC", "HAS_SOFTCAP", "PASS1", "WRITE_GRAD"],
+    prune_configs_by={"early_config_prune": _prune_long},
+    restore_value=["x_ptr"],
+)(_ce_kernel)
+
+
+def _launch_ce(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rows_info: _Rows,
+    opts: _Opts,
+    loss_rows: torch.Tensor,
+    stats: torch.Tensor,
+    weight: tuple[float, torch.Tensor | None],
+    grad: torch.Tensor | None = None,
+    go: torch.Tensor | None = None,
+    stats_given: bool = False,
+    config: dict | None = None,
+) -> None:
+    """Run ``_ce_kernel`` on rows of ``x`` (T, V) with unit column stride.
+
+    ``rows_info`` is the label scan of ``y``; ``weight`` = (w, tensor): the row weight is w, or
+    1/max(tensor[0], 1) read on the device when a tensor is given (the "mean" count from a
+    scan's info, or a CUDA ``num_items``). ``grad`` (may be ``x`` itself) receives the gradient;
+    ``go`` (T,) multiplies each row's gradient (reduction "none"); ``stats`` (T, 2) fp32 holds
+    (max, log2 sum 2^((z - max) log2 e)) per row, written by pass 1 or, with ``stats_given``,
+    read instead of running pass 1. ``loss_rows`` receives the row losses times the weight.
+    ``config`` (tests) forces {NW, K, PF, programs} instead of the rule below.
+    """
+    rows, vocab = x.shape
+    if rows == 0:
+        return
+    pairs, vec = _units(x, grad)
+    vu = vocab // 2 if pairs else vocab
+    w_val, w_t = weight
+    g = grad if grad is not None else x
+    go_t = go if go is not None else loss_rows
+    args = (
+        x,
+        x.stride(0),
+        y,
+        rows_info.order,
+        rows_info.info,
+        g,
+        g.stride(0),
+        loss_rows,
+        stats,
+        w_t if w_t is not None else loss_rows,
+        float(w_val),
+        go_t,
+        go_t.stride(0) if go is not None else 0,
+        rows,
+        vocab,
+        vu,
+        int(opts.ignore_index),
+        float(opts.label_smoothing),
+        float(opts.softcap) if opts.softcap is not None else 1.0,
+        float(opts.z_loss),
+        float(opts.logit_scale),
+    )
+    flags = dict(
+        VEC=vec,
+        PAIRS=pairs,
+        ASM=not interpreter_enabled(),
+        HAS_SCALE=opts.logit_scale != 1.0,
+        HAS_SOFTCAP=opts.softcap is not None,
+        HAS_SMOOTHING=opts.label_smoothing != 0.0,
+        HAS_ZLOSS=opts.z_loss != 0.0,
+        PASS1=not stats_given,
+        WRITE_GRAD=grad is not None,
+        W_PTR=w_t is not None,
+        ROW_GO=go is not None,
+    )
+    if config is not None or interpreter_enabled():
+        cfg = dict(config if config is not None else _INTERPRET_CONFIG)
+        programs = min(rows, cfg.pop("programs"))
+        chunks = triton.cdiv(vu, cfg["K"] * cfg["NW"] * 32 * vec)
+        cfg["PF"] = min(cfg["PF"], chunks)
+        _ce_kernel[(programs,)](*args, **cfg, **flags, num_warps=cfg["NW"])
+        return
+    sms = num_sms(x.device)
+    if vocab * x.element_size() >= _LONG_ROW_BYTES:
+        _ce_kernel_tuned[(min(rows, sms),)](*args, **flags)
+        return
+    cfg = _short_config(vu, vec)
+    programs = min(rows, sms * cfg.pop("ctas_per_sm"))
+    cfg["PF"] = min(cfg["PF"], triton.cdiv(vu, cfg["K"] * cfg["NW"] * 32 * vec))
+    _ce_kernel[(programs,)](*args, **cfg, **flags, num_warps=cfg["NW"])
+
+
 def _scale_(t: torch.Tensor | None, go: torch.Tensor) -> None:
     """In place ``t *= go`` for a contiguous ``t`` and a one-element ``go``, without a host sync."""
     if t is None or t.numel() == 0:
@@ -713,58 +993,52 @@ def _scale_(t: torch.Tensor | None, go: torch.Tensor) -> None:
 
 
 def _row_weight(
-    y: torch.Tensor, reduction: str, num_items: int | torch.Tensor | None, ignore_index: int
-) -> float | torch.Tensor:
-    """1 / normalizer, as a float when known on the host, else as a 1-element device tensor."""
+    reduction: str, num_items: int | torch.Tensor | None, rows_info: _Rows
+) -> tuple[float, torch.Tensor | None]:
+    """The row weight 1 / normalizer: (value, None) when known on the host, else (1, tensor)
+    with the kernel reading 1/max(tensor[0], 1) (no host sync)."""
     if num_items is not None:
-        if isinstance(num_items, torch.Tensor):
-            if num_items.device.type == "cpu":
-                return 1.0 / max(float(num_items), 1.0)
-            return 1.0 / num_items.detach().reshape(1).to(torch.float32).clamp_min(1.0)
-        return 1.0 / max(float(num_items), 1.0)
+        if isinstance(num_items, torch.Tensor) and num_items.device.type != "cpu":
+            return 1.0, num_items.detach().reshape(1)
+        return 1.0 / max(float(num_items), 1.0), None
     if reduction == "mean":
-        count = (y != ignore_index).sum().reshape(1).to(torch.float32)
-        return 1.0 / count.clamp_min(1.0)
-    return 1.0
+        return 1.0, rows_info.info  # info[0] = rows whose label is not ignore_index
+    return 1.0, None
 
 
-def _reduce_rows(
-    loss_rows: torch.Tensor, reduction: str, wden: float | torch.Tensor
-) -> torch.Tensor:
-    if reduction == "none":
-        return loss_rows * wden if not (isinstance(wden, float) and wden == 1.0) else loss_rows
-    total = loss_rows.sum()
-    return total * wden.reshape(()) if isinstance(wden, torch.Tensor) else total * wden
+def _reduce_rows(loss_rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The kernel already weighted each row: "none" returns them, the others sum them."""
+    return loss_rows if reduction == "none" else loss_rows.sum()
 
 
 class _CrossEntropy(torch.autograd.Function):
     """Scalar reductions compute the gradient in the forward pass (pass 2 of the same kernel, so
     the row is re-read while it is warm in L2) and backward only scales it by grad_output, which
     the scale kernel skips when it is 1. Reduction "none" needs grad_output per row, so its
-    backward runs the kernel again with the saved log-sum-exp (one read, one write)."""
+    backward runs the kernel again with the saved statistics (one read, one write)."""
 
     @staticmethod
-    def forward(ctx, x, y, opts, reduction, wden, inplace):
+    def forward(ctx, x, y, rows_info, opts, reduction, weight, inplace):
         rows = x.shape[0]
         loss_rows = torch.empty(rows, dtype=torch.float32, device=x.device)
         stats = torch.empty(rows, 2, dtype=torch.float32, device=x.device)
         ctx.mode = None
         if ctx.needs_input_grad[0] and reduction != "none":
             grad = x if inplace else torch.empty_like(x)
-            _launch_ce(x, y, opts, loss_rows, stats, wden, grad=grad)
+            _launch_ce(x, y, rows_info, opts, loss_rows, stats, weight, grad=grad)
             if inplace:
                 # logits now hold the gradient: any other saved use of them must fail loudly
                 torch.autograd.graph.increment_version(x)
             ctx.save_for_backward(grad)
             ctx.mode = "scale"
         else:
-            _launch_ce(x, y, opts, loss_rows, stats, wden)
+            _launch_ce(x, y, rows_info, opts, loss_rows, stats, weight)
             if ctx.needs_input_grad[0]:
                 ctx.save_for_backward(x, y, stats)
                 ctx.mode = "rows"
-                ctx.opts, ctx.wden, ctx.inplace = opts, wden, inplace
+                ctx.rows_info, ctx.opts, ctx.weight, ctx.inplace = rows_info, opts, weight, inplace
         ctx.used = False
-        return _reduce_rows(loss_rows, reduction, wden)
+        return _reduce_rows(loss_rows, reduction)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -775,13 +1049,16 @@ class _CrossEntropy(torch.autograd.Function):
         if ctx.mode == "scale":
             (grad,) = ctx.saved_tensors
             _scale_(grad, grad_loss.reshape(1).to(torch.float32))
-            return grad, None, None, None, None, None
+            return grad, None, None, None, None, None, None
         x, y, stats = ctx.saved_tensors
         grad = x if ctx.inplace else torch.empty_like(x)
         go = grad_loss.to(torch.float32).expand(x.shape[0]).contiguous()
         dummy = torch.empty(0, dtype=torch.float32, device=x.device)
-        _launch_ce(x, y, ctx.opts, dummy, stats, ctx.wden, grad=grad, go=go, stats_given=True)
-        return grad, None, None, None, None, None
+        _launch_ce(
+            x, y, ctx.rows_info, ctx.opts, dummy, stats, ctx.weight, grad=grad, go=go,
+            stats_given=True,
+        )  # fmt: skip
+        return grad, None, None, None, None, None, None
 
 
 def _cross_entropy_triton(
@@ -802,12 +1079,14 @@ def _cross_entropy_triton(
         x = x.contiguous()  # a copy: the in-place gradient then lands in the copy
     y = y.contiguous()
     opts = _Opts(ignore_index, label_smoothing, softcap, z_loss, logit_scale)
-    wden = _row_weight(y, reduction, num_items, ignore_index)
-    if validate:
-        # last before the launch: the host sync inside leaves the GPU idle only for the few
-        # microseconds from here to the kernel launch
-        _validate_label_range(y, vocab, ignore_index)
-    return _CrossEntropy.apply(x, y, opts, reduction, wden, inplace)
+    rows_info = _scan_labels(y, vocab, ignore_index)
+    # the bad-label count goes to the host while the kernel runs; it is checked after the launch
+    check = _LabelCheck(rows_info) if validate and rows else None
+    weight = _row_weight(reduction, num_items, rows_info)
+    out = _CrossEntropy.apply(x, y, rows_info, opts, reduction, weight, inplace)
+    if check is not None:
+        check.finish(y, vocab, ignore_index)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -836,7 +1115,7 @@ def _flce_pass(
     b: torch.Tensor | None,
     y: torch.Tensor,
     opts: _Opts,
-    wden: float | torch.Tensor,
+    weight: tuple[float, torch.Tensor | None],
     loss_rows: torch.Tensor,
     stats: torch.Tensor,
     need_dh: bool,
@@ -864,13 +1143,15 @@ def _flce_pass(
             torch.mm(hc, wt, out=logits)
         else:
             torch.addmm(b, hc, wt, out=logits)
+        yc = y[start:stop]
         _launch_ce(
             logits,
-            y[start:stop],
+            yc,
+            _scan_labels(yc, vocab, opts.ignore_index),
             opts,
             loss_rows[start:stop],
             stats[start:stop],
-            wden,
+            weight,
             grad=logits if any_grad else None,
             go=go[start:stop] if go is not None else None,
         )
@@ -893,7 +1174,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     the chunks with the per-row grad_output."""
 
     @staticmethod
-    def forward(ctx, h, w, b, y, opts, reduction, wden):
+    def forward(ctx, h, w, b, y, opts, reduction, weight):
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1]
         need_db = b is not None and ctx.needs_input_grad[2]
@@ -904,17 +1185,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.used = False
         ctx.need = (need_dh, need_dw, need_db)
         if any_grad and reduction == "none":
-            _flce_pass(h, w, b, y, opts, wden, loss_rows, stats, False, False, False)
+            _flce_pass(h, w, b, y, opts, weight, loss_rows, stats, False, False, False)
             ctx.save_for_backward(h, w, b, y)
-            ctx.mode, ctx.opts, ctx.wden = "recompute", opts, wden
+            ctx.mode, ctx.opts, ctx.weight = "recompute", opts, weight
         else:
             dh, dw, db = _flce_pass(
-                h, w, b, y, opts, wden, loss_rows, stats, need_dh, need_dw, need_db
+                h, w, b, y, opts, weight, loss_rows, stats, need_dh, need_dw, need_db
             )
             ctx.save_for_backward(dh, dw, db)
             ctx.mode = "scale"
         ctx.bias_dtype = b.dtype if b is not None else None
-        return _reduce_rows(loss_rows, reduction, wden)
+        return _reduce_rows(loss_rows, reduction)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -936,7 +1217,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             stats = torch.empty(rows, 2, dtype=torch.float32, device=h.device)
             go = grad_loss.to(torch.float32).expand(rows).contiguous()
             dh, dw, db = _flce_pass(
-                h, w, b, y, ctx.opts, ctx.wden, loss_rows, stats, *ctx.need, go=go
+                h, w, b, y, ctx.opts, ctx.weight, loss_rows, stats, *ctx.need, go=go
             )
         if db is not None:
             db = db.to(ctx.bias_dtype)
@@ -964,12 +1245,16 @@ def _fused_linear_cross_entropy_triton(
         )
     vocab = w.shape[0]
     opts = _Opts(ignore_index, label_smoothing, softcap, z_loss, logit_scale)
-    wden = _row_weight(y, reduction, num_items, ignore_index)
-    if validate:
-        _validate_label_range(y, vocab, ignore_index)
-    return _FusedLinearCrossEntropy.apply(
-        h.contiguous(), w, b, y.contiguous(), opts, reduction, wden
-    )
+    y = y.contiguous()
+    # one scan of all labels: the "mean" count and the bad-label check (each row chunk is
+    # scanned again for its own row order)
+    rows_info = _scan_labels(y, vocab, ignore_index)
+    check = _LabelCheck(rows_info) if validate and y.numel() else None
+    weight = _row_weight(reduction, num_items, rows_info)
+    out = _FusedLinearCrossEntropy.apply(h.contiguous(), w, b, y, opts, reduction, weight)
+    if check is not None:
+        check.finish(y, vocab, ignore_index)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -997,6 +1282,8 @@ def cross_entropy(
     gradient is needed, ``logits`` holds d(loss)/d(logits) instead of the logits as soon as this
     call returns and must not be read or reused (autograd's version counter is bumped, so another
     op that saved ``logits`` for its backward raises instead of silently using the gradient).
+    ``validate=False`` skips the bad-label check (the one host sync of a call; see the module
+    docstring).
     """
     _check_options(reduction, num_items, label_smoothing, softcap, z_loss, logit_scale)
     x, y = _prepare_logits(logits, labels)

@@ -181,14 +181,44 @@ def test_kernel_matches_torch(dtype, rows, vocab, mag, opts, seed):
     check_against_oracle(x, y, go, dtype, **opts)
 
 
-@pytest.mark.parametrize("vocab", [1, 5, 32, 33, 100])
-def test_kernel_small_blocks_run_the_chunk_loop(monkeypatch, vocab):
-    # 100 -> 12 full chunks and a ragged one; 32 -> 4 full chunks, no ragged one; 5 -> only ragged
-    monkeypatch.setattr(ce, "_INTERPRET_BLOCK_V", 8)
-    x, y = make_case(3, vocab, 5.0, torch.float32, vocab, ignore_frac=0.0)
+@pytest.mark.parametrize(("vocab", "pf"), [(1, 2), (100, 1), (128, 2), (129, 3), (1000, 3)])
+def test_kernel_small_chunks_run_the_prefetch_queue(monkeypatch, vocab, pf):
+    # fp32, 1 warp, 1 vector of 4 per thread: 128-logit chunks. 1000 -> 7 full chunks and a
+    # ragged one, 129 -> one full and a 1-logit ragged one, 128 -> exactly one, 1 -> only ragged;
+    # 2 programs for 5 rows: the queue crosses from pass 1 to pass 2 and into the next row
+    monkeypatch.setattr(ce, "_INTERPRET_CONFIG", {"NW": 1, "K": 1, "PF": pf, "programs": 2})
+    x, y = make_case(5, vocab, 5.0, torch.float32, vocab, ignore_frac=0.0)
+    y[-1] = vocab - 1  # the label in the ragged last chunk
     go = torch.tensor(1.0, dtype=torch.float64, device=DEV)
     check_against_oracle(x, y, go, torch.float32, label_smoothing=0.1, softcap=4.0, z_loss=1e-2)
-    check_against_oracle(x, y, go.expand(3) * 2, torch.float32, reduction="none")
+    check_against_oracle(x, y, go.expand(5) * 2, torch.float32, reduction="none")
+
+
+@pytest.mark.parametrize("vocab", [2, 130, 1000])
+def test_kernel_bf16_word_pairs(vocab):
+    """bf16 rows of even length are read as int32 words of two logits (and the gradient packed
+    back); the integer path runs under the interpreter too."""
+    x, y = make_case(5, vocab, 4.0, torch.bfloat16, 20 + vocab, ignore_frac=0.2)
+    assert ce._units(x, x) == (True, 4)
+    x64 = x.double()
+    go = torch.tensor(1.0, dtype=torch.float64, device=DEV)
+    ref_loss, ref_grad = loss_and_grad(lambda t: oracle(t, y, label_smoothing=0.1), x64, go)
+    with qkern.backend("triton"):
+        out_loss, out_grad = loss_and_grad(
+            lambda t: cross_entropy(t, y, label_smoothing=0.1), x, go
+        )
+    assert out_grad.dtype == torch.bfloat16
+    assert_close_rule(out_loss, ref_loss, atol=1e-5, rtol=1e-5, name="loss")
+    # one rounding of each gradient element to bf16: the packed words round to nearest (half an
+    # ulp); the label's element goes through a scalar bf16 cast, which the interpreter truncates
+    # (up to one ulp = 2^-7 relative)
+    assert_close_rule(out_grad, ref_grad, atol=1e-7, rtol=2.0**-7, name="grad")
+    not_label = torch.ones_like(out_grad, dtype=torch.bool)
+    counted = (y != IGNORE).nonzero()[:, 0]
+    not_label[counted, y[counted]] = False
+    assert_close_rule(
+        out_grad[not_label], ref_grad[not_label], atol=1e-7, rtol=2.0**-8, name="grad, packed"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -555,60 +585,117 @@ def test_gpu_bf16_flce_matches_matmul_plus_ce(monkeypatch, train_w):
 
 
 FEATURES = dict(label_smoothing=0.1, softcap=20.0, z_loss=1e-4, logit_scale=0.9)
+NO_FEATURES = dict(label_smoothing=0.0, softcap=None, z_loss=0.0, logit_scale=1.0)
 
 
-def raw_launch(x, y, programs, block, mult, warps, features=True):
-    """_ce_kernel on ``programs`` programs (fewer than rows: the persistent row loop) with row
-    weight 0.5 and, with ``features``, the options in FEATURES (else none), into NaN buffers."""
+def raw_launch(x, y, config, features=True, mode="both", go=None, stats=None):
+    """_launch_ce on forced ``config`` (NW, K, PF, programs) with row weight 0.5 into NaN-poisoned
+    buffers. mode "both": loss + gradient; "loss": pass 1 only; "grad": pass 2 only from
+    ``stats`` with per-row ``go``. Returns (loss, grad, stats)."""
     rows, vocab = x.shape
-    f = (
-        FEATURES
-        if features
-        else dict(label_smoothing=0.0, softcap=1.0, z_loss=0.0, logit_scale=1.0)
-    )
+    f = FEATURES if features else NO_FEATURES
+    opts = ce._Opts(IGNORE, f["label_smoothing"], f["softcap"], f["z_loss"], f["logit_scale"])
     loss = torch.full((rows,), float("nan"), device=x.device)
-    grad = torch.full_like(x, float("nan"))
-    ce._ce_kernel[(programs,)](
-        x, x.stride(0), y, grad, grad.stride(0), loss, torch.empty(rows, 2, device=x.device),
-        loss, 0.5, loss, 0, rows, vocab, IGNORE, f["label_smoothing"], f["softcap"], f["z_loss"],
-        f["logit_scale"], BLOCK_V=block, GRID_MULT=mult, HAS_SCALE=features,
-        HAS_SOFTCAP=features, HAS_SMOOTHING=features, HAS_ZLOSS=features, STATS_GIVEN=False,
-        WRITE_GRAD=True, WDEN_PTR=False, ROW_GO=False, num_warps=warps,
+    grad = torch.full_like(x, float("nan")) if mode != "loss" else None
+    given = stats is not None
+    stats = stats if given else torch.full((rows, 2), float("nan"), device=x.device)
+    ce._launch_ce(
+        x, y, ce._scan_labels(y, vocab, IGNORE), opts, loss, stats, (0.5, None), grad=grad,
+        go=go, stats_given=given, config=config,
     )  # fmt: skip
-    return loss, grad
+    return loss, grad, stats
 
 
-def reference_rows(x, y, features=True):
-    """Row losses and 0.5 * d(sum of rows)/dx in float64 (what raw_launch computes)."""
+def reference_rows(x, y, features=True, go=None):
+    """Row losses and 0.5 * d(sum_r go_r row_r)/dx in float64 (what raw_launch computes)."""
     xr = x.double().requires_grad_(True)
     ref = cross_entropy_ref(xr, y, reduction="none", **(FEATURES if features else {}))
-    ref.sum().mul(0.5).backward()
+    w = go.double() if go is not None else torch.ones_like(ref)
+    (ref * w).sum().mul(0.5).backward()
     return ref.detach(), xr.grad
 
 
-def test_kernel_persistent_row_loop_matches_reference():
-    """Two programs walk 7 rows (rows pid, pid + 2, ...), as a persistent grid does on the GPU."""
-    x, y = make_case(7, 53, 3.0, torch.float32, 15, ignore_frac=0.3)
-    y[0] = 52  # the label in the ragged last chunk
+@pytest.mark.parametrize("programs", [1, 2, 3])
+def test_kernel_persistent_row_loop_matches_reference(programs):
+    """Few programs walk 7 rows (a third ignored): the counted rows are dealt round-robin, the
+    queue runs across rows; every mode of the kernel writes every element (NaN-poisoned)."""
+    x, y = make_case(7, 300, 3.0, torch.float32, 15, ignore_frac=0.3)
+    y[0] = 299  # the label in the ragged last chunk
+    y[1] = IGNORE
+    cfg = {"NW": 1, "K": 1, "PF": 2, "programs": programs}
+    go = torch.rand(7, device=DEV) + 0.5
     for features in (True, False):
-        loss, grad = raw_launch(x, y, 2, 16, 1, 4, features)
         ref_loss, ref_grad = reference_rows(x, y, features)
-        assert_close_rule(loss, ref_loss, atol=1e-5, rtol=1e-5, name="loss")
+        loss, grad, stats = raw_launch(x, y, cfg, features)
+        assert_close_rule(loss, 0.5 * ref_loss, atol=1e-5, rtol=1e-5, name="loss")
         assert_close_rule(grad, ref_grad, atol=1e-7, rtol=1e-5, name="grad")
+        loss1, none, stats1 = raw_launch(x, y, cfg, features, mode="loss")
+        assert none is None
+        torch.testing.assert_close(loss1, loss, rtol=0, atol=0)
+        torch.testing.assert_close(stats1, stats, rtol=0, atol=0)
+        _, grad2, _ = raw_launch(x, y, cfg, features, mode="grad", go=go, stats=stats1)
+        _, ref_grad2 = reference_rows(x, y, features, go=go)
+        assert_close_rule(grad2, ref_grad2, atol=1e-7, rtol=1e-5, name="grad from stats")
+
+
+def test_label_scan_lists_counted_rows_first():
+    """order = counted rows ascending, then the ignored ones; info = (counted, bad, first bad)."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 50, (37,), generator=g)  # 37 labels: 5 scan blocks of 8 on the CPU
+    y[torch.rand(37, generator=g) < 0.4] = IGNORE
+    y[[5, 30]] = torch.tensor([50, -7])  # out of range, counted, flagged
+    rows = ce._scan_labels(y.to(DEV), 50, IGNORE)
+    counted = (y != IGNORE).nonzero()[:, 0]
+    nv = counted.numel()
+    order = rows.order.cpu()
+    assert rows.info[:3].tolist() == [nv, 2, 5]
+    assert order[:nv].tolist() == counted.tolist()
+    assert sorted(order[nv:].tolist()) == (y == IGNORE).nonzero()[:, 0].tolist()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_validation_in_kernel_raises_then_recovers(inplace):
+    """A bad label raises a ValueError naming the label and its row; ignored rows are fine; the
+    next good call on the same tensors works (nothing is left behind by the failed call)."""
+    x, y = make_case(6, 40, 2.0, torch.float32, 16, ignore_frac=0.0)
+    y[2] = IGNORE
+    bad = y.clone()
+    bad[4] = 40
+    with qkern.backend("triton"):
+        xr = x.clone().requires_grad_(True)
+        with pytest.raises(ValueError, match=r"labels must be in \[0, 40\).*found 40 at row 4"):
+            cross_entropy(xr * 1.0, bad, inplace_backward=inplace)
+        with pytest.raises(ValueError, match="found -3 at row 0"):
+            cross_entropy(x, torch.tensor([-3, 1, 2, 3, 4, 5], device=DEV), reduction="none")
+        h, w = torch.randn(6, 5, device=DEV), torch.randn(40, 5, device=DEV)
+        with pytest.raises(ValueError, match="found 40 at row 4"):
+            fused_linear_cross_entropy(h, w, bad)
+        loss = cross_entropy(xr * 1.0, y, inplace_backward=inplace)
+        loss.backward()
+        flce = fused_linear_cross_entropy(h, w, y)
+    one = torch.tensor(1.0, dtype=torch.float64, device=DEV)
+    want_loss, want_grad = loss_and_grad(lambda t: oracle(t, y), x.double(), one)
+    assert_close_rule(loss, want_loss, atol=1e-5, rtol=1e-5)
+    assert_close_rule(xr.grad, want_grad, atol=1e-7, rtol=1e-5)
+    assert_close_rule(flce, oracle(h.double() @ w.double().t(), y), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("features", [True, False])
-def test_gpu_every_autotune_config_is_correct(features):
+def test_gpu_every_config_is_correct(features):
     x, y = make_case(300, 40000, 3.0, torch.bfloat16, 14, ignore_frac=0.2)
-    y[1] = 39999  # in the ragged last chunk of every block size
+    y[1] = 39999  # in the ragged last chunk of every chunk size
     ref_loss, ref_grad = reference_rows(x, y, features)
     # bf16 budget: torch's own bf16 rounding of the gradient, plus a little
     t_grad = ref_grad.to(torch.bfloat16)
-    for cfg in ce._ce_configs():
-        meta = dict(cfg.kwargs)
-        mult = meta["GRID_MULT"]
-        programs = 300 if mult == 0 else min(300, mult * qkern._backend.num_sms())
-        loss, grad = raw_launch(x, y, programs, meta["BLOCK_V"], mult, cfg.num_warps, features)
-        assert_close_rule(loss, ref_loss, atol=1e-4, rtol=1e-5, name=f"loss {cfg}")
+    sms = qkern._backend.num_sms()
+    configs = [dict(c, programs=sms) for c in ce._LONG_CONFIGS]
+    short = ce._short_config(20000, 4)
+    configs.append(dict(NW=short["NW"], K=1, PF=2, programs=sms * short["ctas_per_sm"]))
+    for cfg in configs:
+        loss, grad, _ = raw_launch(x, y, cfg, features)
+        assert_close_rule(loss, 0.5 * ref_loss, atol=1e-4, rtol=1e-5, name=f"loss {cfg}")
         assert_close_rule(grad, ref_grad, t_grad, atol=1e-7, rtol=2.0**-8, name=f"grad {cfg}")
+        # odd length: no word pairs, one bf16 per unit
+        lo, go_, _ = raw_launch(x[:, :39999], y.clamp_max(39998), cfg, features)
+        assert not torch.isnan(lo).any() and not torch.isnan(go_).any()
