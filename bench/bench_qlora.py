@@ -18,6 +18,10 @@ forward, small M (bytes: the NF4 weight N·K/2 + absmax; x and y are tiny):
   weight at M = 1 (a gather from the code table, its address, nibble and x unpacking, FMAs),
   ~10.5 for the tensor-core path (M = 3..16) -> 58.7M weights / (132 SMs x 128 lanes x
   1.98 GHz) ≈ 14.5 / 18 µs at 14336x4096, 4.1 / 5.2 µs at 4096x4096: above the byte floor.
+  Small ops are easily host-bound: each small-M row records host_us (Python + launch per call,
+  200 calls without waiting for the GPU) and gpu_us (kernel time with a cold L2, every call
+  queued behind a spin kernel so no host gap is timed) next to do_bench's number; when
+  host_us > gpu_us, do_bench reports host time. nf4_matmul's host path is built for < 10 µs.
 """
 
 from __future__ import annotations
@@ -34,6 +38,50 @@ SCALING = 2.0
 TRAIN_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in K, out N)
 SMALL_M_SHAPES = [(4096, 4096), (14336, 4096)]  # (N, K)
 SMALL_MS = {(4096, 4096): [1, 2, 8, 16, 32, 64, 128], (14336, 4096): [1, 2, 8, 16, 32, 64]}
+
+
+def _host_us(fn, n: int = 200) -> float:
+    """Host µs per call: ``n`` back-to-back calls timed without waiting for the GPU.
+
+    The Python of the op plus its launches (the GPU queue does not fill in 200 calls). When this
+    exceeds the GPU time of the op, the op is host-bound and do_bench's number is host time.
+    """
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return t / n * 1e6
+
+
+_L2_FLUSH: list = []
+
+
+def _gpu_us(fn, n: int = 30) -> float:
+    """GPU µs per call with a cold L2 and the host out of the way (median of ``n``).
+
+    A spin kernel (~4 ms) holds the stream while the host queues ``n`` rounds of (L2 flush,
+    start event, fn, end event), so every fn starts the moment its flush ends: the events time
+    the kernels alone, as do_bench would if the host were infinitely fast.
+    """
+    if not _L2_FLUSH:
+        _L2_FLUSH.append(torch.empty(256 << 20, dtype=torch.int8, device="cuda"))
+    flush = _L2_FLUSH[0]
+    fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    torch.cuda._sleep(8_000_000)  # cycles: ~4 ms at ~2 GHz, more than the host needs to queue
+    for s, e in zip(starts, ends):
+        flush.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+    return times[n // 2]
 
 
 def _wall_us(fn, n: int = 200) -> float:
@@ -153,6 +201,36 @@ def _train_case(k: int, n: int) -> list[Row]:
     return rows
 
 
+def _decode_lora_rows(n: int, k: int, packed, state, w) -> list[Row]:
+    """qlora_linear forward with an r=16 adapter and no grad (decode through the model) at
+    M = 1 and 8, against the same LoRA linear on a bf16 weight in plain torch."""
+    import qkern.qlora as ql
+
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(1)
+    a = torch.randn(RANK, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5
+    b = torch.randn(n, RANK, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    for m in (1, 8):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+
+        def ours():
+            return ql.qlora_linear(x, packed, state, a, b, SCALING)  # noqa: B023
+
+        def plain():
+            return x @ w.t() + SCALING * ((x @ a.t()) @ b.t())  # noqa: B023
+
+        with torch.no_grad():
+            err = _rel(ours(), plain().float())
+            t_q, t_t = bench_ms(ours), bench_ms(plain)
+            for name, fn, t in (("qkern", ours, t_q), ("torch-bf16W", plain, t_t)):
+                extra = {"host_us": _host_us(fn), "gpu_us": _gpu_us(fn)}
+                if name == "qkern":
+                    extra.update(relerr=err, ratio_vs_torch=t_q / t_t)
+                case = f"M={m} {n}x{k} r={RANK} no_grad"
+                rows.append(Row("qlora_decode", case, name, t, flops=2.0 * m * n * k, extra=extra))
+    return rows
+
+
 def _small_m_case(n: int, k: int) -> list[Row]:
     import qkern.qlora as ql
 
@@ -187,16 +265,34 @@ def _small_m_case(n: int, k: int) -> list[Row]:
         t_dq = bench_ms(dequant_mm)
         if crossover is None and t_q > t_dq:
             crossover = m
+
+        def ours():
+            return ql.nf4_matmul(x, packed, state)  # noqa: B023
+
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         extra = {
             "relerr": _rel(y, ref),
             "vs_bf16": t_bf16 / t_q,
             "vs_dequant_mm": t_dq / t_q,
-            "wall_us": _wall_us(lambda: ql.nf4_matmul(x, packed, state)),  # noqa: B023
+            # host vs GPU: host_us > gpu_us means do_bench measured the Python, not the kernel
+            "host_us": _host_us(ours),
+            "host_us_out": _host_us(lambda: ql.nf4_matmul(x, packed, state, out=out)),  # noqa: B023
+            "gpu_us": _gpu_us(ours),
+            "wall_us": _wall_us(ours),
         }
         if bnb is not None:
+
+            def bnb_mm():
+                return bnb.matmul_4bit(x, bnb_w.t(), quant_state=bnb_state)  # noqa: B023
+
             with torch.no_grad():
-                y_b = bnb.matmul_4bit(x, bnb_w.t(), quant_state=bnb_state)
-                t_b = bench_ms(lambda: bnb.matmul_4bit(x, bnb_w.t(), quant_state=bnb_state))  # noqa: B023
+                y_b = bnb_mm()
+                t_b = bench_ms(bnb_mm)
+                bnb_extra = {
+                    "relerr": _rel(y_b, ref),
+                    "host_us": _host_us(bnb_mm),
+                    "gpu_us": _gpu_us(bnb_mm),
+                }
             extra["vs_bnb"] = t_b / t_q
             rows.append(
                 Row(
@@ -206,11 +302,23 @@ def _small_m_case(n: int, k: int) -> list[Row]:
                     t_b,
                     bytes=nbytes + io,
                     flops=flops,
-                    extra={"relerr": _rel(y_b, ref)},
+                    extra=bnb_extra,
                 )
             )
+        bf16_extra = {
+            "host_us": _host_us(lambda: x @ w.t()),  # noqa: B023
+            "gpu_us": _gpu_us(lambda: x @ w.t()),  # noqa: B023
+        }
         rows.append(
-            Row("nf4_matmul", case, "torch-bf16W", t_bf16, bytes=n * k * 2 + io, flops=flops)
+            Row(
+                "nf4_matmul",
+                case,
+                "torch-bf16W",
+                t_bf16,
+                bytes=n * k * 2 + io,
+                flops=flops,
+                extra=bf16_extra,
+            )
         )
         rows.append(
             Row(
@@ -225,6 +333,7 @@ def _small_m_case(n: int, k: int) -> list[Row]:
         rows.append(
             Row("nf4_matmul", case, "qkern", t_q, bytes=nbytes + io, flops=flops, extra=extra)
         )
+    rows += _decode_lora_rows(n, k, packed, state, w)
     rows.append(
         Row(
             "nf4_matmul",

@@ -24,7 +24,10 @@ Two execution strategies, chosen by the number of rows M of x (all leading dims 
   that streams the packed bytes once and dequantizes them in registers (FMAs for M <= 2,
   tensor cores above); the bf16 weight never exists. Reading 4096x4096 NF4 is 8.4 MB
   (+0.26 MB absmax) ≈ 2 µs at 4.2 TB/s, against 33.5 MB for the bf16 weight (see
-  ``_nf4_matmul_kernel`` and ``_nf4_plan``).
+  ``_nf4_matmul_kernel`` and ``_nf4_plan``). At that size the host time per call matters as
+  much: after the first call of a shape, a call validates through caches and runs one direct
+  launch and one allocation (see "nf4_matmul host path"); with nothing to differentiate
+  (decode, eval) the forward skips the autograd Function.
 
 Dropout: the mask is drawn once per forward by a counter-based generator (Philox4x32-10, one
 call per 4 elements, seeded from the CPU generator) inside the kernel that computes d(x)·Aᵀ, so
@@ -45,6 +48,8 @@ Limits:
   larger M (weight rounded to the compute dtype, as dequantize_4bit does, on tensor cores).
 * the workspace and the split-K scratch are per device and assume one CUDA stream: do not run
   two qkern QLoRA ops concurrently on different streams of one device.
+* ``nf4_matmul`` keeps validated launch entries per quant state (see "nf4_matmul host path"):
+  change a state by assigning its fields, never by resizing its tensors in place.
 * the dropout kernels are tuned for r <= 128 (larger r works, with register spills).
 * GPU numbers: see docs/kernels/qlora.md ("Measured").
 """
@@ -63,6 +68,7 @@ from torch import nn
 from qkern._backend import (
     check_float,
     check_same_device,
+    get_backend,
     interpreter_enabled,
     next_power_of_2,
     num_sms,
@@ -71,8 +77,17 @@ from qkern._backend import (
 )
 
 # _block_absmax: the format module's own block-scale decode, shared so the fused kernel rounds
-# exactly like dequantize_4bit (double quant: two fp32 roundings, never an FMA)
-from qkern.nf4 import QuantState, _block_absmax, dequantize_4bit, quantize_4bit
+# exactly like dequantize_4bit (double quant: two fp32 roundings, never an FMA); _plan_for: its
+# validation of a (packed, state) pair, cached on the state; _launch: direct launch of a
+# compiled kernel (see "nf4_matmul host path")
+from qkern.nf4 import (
+    QuantState,
+    _block_absmax,
+    _launch,
+    _plan_for,
+    dequantize_4bit,
+    quantize_4bit,
+)
 
 # Largest number of rows for which the forward uses the fused small-M kernel instead of
 # dequant + cuBLAS. The fused kernel reads 4 bits per weight instead of 16 plus the dequant pass;
@@ -116,6 +131,7 @@ def clear_workspaces() -> None:
     """Free every cached dequantization workspace, split-K scratch buffer and launch plan."""
     _WORKSPACES.clear()
     _NF4_PLANS.clear()
+    _MM_CACHE.clear()
 
 
 def dequant_workspace(
@@ -367,7 +383,13 @@ def _nf4_matmul_kernel(
     # bytes of a chunk load as 16-byte vectors
     byte_row = rn64 * row_bytes
     el_row = rn64 * K  # flat index of W[n, 0]
-    x_rows = x_ptr + rm64 * stride_xw  # words
+    # x is read as words of two elements (the launcher passes a word-aligned x): the pointer is
+    # reinterpreted here, so the host needs no view of x
+    if X_KIND == 2:
+        x_words = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+    else:
+        x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    x_rows = x_words + rm64 * stride_xw  # words
     code_addr = code_ptr.to(tl.int64)  # 64-byte aligned (see _code_pair)
 
     c_begin = pid_s * chunks_per_split
@@ -817,9 +839,20 @@ def _nf4_plan(m: int, n: int, k: int, blocksize: int, device: torch.device) -> _
     ~4 MB in flight, ~30 KB per SM. A program (4 warps; a row's 32-byte chunk is two threads'
     16-byte loads) loads UNROLL = 2 chunks of BLOCK_N rows per iteration: 8 KB for the GEMV
     (128 rows, ~72 registers per thread), 4 KB for the tensor-core path (64 rows, ~72 registers
-    and ~10 KB of shared memory). The grid is sized for one wave of ~4 (GEMV) or ~8 (dot)
-    programs per SM: 4096x4096, M = 1: 32 row tiles x 16 K-splits of 4 chunks = 512 programs
-    of 16 KB; 14336x4096: 112 row tiles x 4 splits; M = 8: 64 x 16 and 224 x 4.
+    and ~10 KB of shared memory). The grid is sized for one wave of ~7 (GEMV at M = 1), ~4
+    (GEMV at M = 2: ~104 registers) or ~8 (dot) programs per SM, i.e. at least ~4 programs
+    (~30 KB in flight) and at most what the register file holds (7 x 128 threads x 72
+    registers = 64.5K of 64K at M = 1). At M = 1 the GEMV is bound by instruction issue beyond
+    4096x4096 (see bench_qlora), so the extra warps hide the code-table gathers and the SMs'
+    loads stay even:
+      4096x4096, M = 1: 32 row tiles x 16 K-splits of 4 chunks = 512 programs of 16 KB
+        (3.9 per SM; more splits would not shorten the busiest SM: 16 chunks either way);
+      14336x4096, M = 1: 112 x 8 splits of 8 chunks = 896 programs (6.8 per SM, the busiest
+        SM streams 7 x 8 = 56 chunk-tiles against 54.3 on average; 4 splits would make 448
+        programs, 3.4 per SM, and the busiest SM 4 x 16 = 64: 15% longer);
+      M = 8 (dot): 64 x 16 = 1024 and 224 x 4 = 896 programs (7.8 and 6.8 per SM).
+    One launch per call; the split-K partials stay in L2 (8 x 14336 x 4 B = 459 KB at most
+    here) and the reduction is deterministic (see _nf4_matmul_kernel).
 
     M <= 2 runs the FMA GEMV (per weight: a nibble extract, a code-table gather, M FMAs); larger
     M runs the tensor-core path with BLOCK_M = 16 or 32 (per weight: the same dequant plus one
@@ -843,8 +876,10 @@ def _nf4_plan(m: int, n: int, k: int, blocksize: int, device: torch.device) -> _
     num_warps = 4
     n_tiles = triton.cdiv(n, block_n)
     n_chunks = k // chunk
-    # resident programs per SM needed for ~30 KB in flight: ~4 at 8 KB (GEMV), ~8 at 4 KB (dot)
-    target_programs = max(1, (32 if use_dot else 16) * num_sms(device) // num_warps)
+    # resident programs per SM: >= ~4 for ~30 KB in flight (8 KB per GEMV program, 4 KB per dot
+    # program), up to the register limit (7 at M = 1, 4 at M = 2; see the docstring)
+    per_sm = 8 if use_dot else (7 if m == 1 else 4)
+    target_programs = max(1, per_sm * num_sms(device))
     splits = target_programs // (m_tiles * n_tiles)  # at most one wave
     splits = max(1, min(triton.cdiv(n_chunks, unroll), splits))
     per_split = triton.cdiv(n_chunks, splits)
@@ -892,60 +927,205 @@ def _aligned_code(code: torch.Tensor) -> torch.Tensor:
     return copy
 
 
-def _nf4_matmul_launch(
-    x2: torch.Tensor,
+# ---- nf4_matmul host path -------------------------------------------------------------------
+#
+# At decode the kernel reads 8.4 MB (4096x4096) in a few µs, so the Python around the launch
+# decides the time per call. Per call the launcher does only what can change between calls:
+# the state's cached validation (qkern.nf4._plan_for: identity compares of its fields and the
+# packed tensor's dtype, size and device), one dict lookup of the launch entry for (x.shape,
+# x.dtype, bias dtype, backend mode), device / contiguity / alignment checks of x (and of bias
+# and out when given), the output allocation (none when ``out`` is given) and one direct launch
+# of the compiled kernel (qkern.nf4._launch: skips Triton's per-call argument specialization).
+# Everything else — the full validation, the plan, the compile-time arguments, the state's
+# pointers — is built once per entry. No zero-fill: the split-K counters are left at zero by
+# the kernel itself.
+
+
+class _MMEntry:
+    """nf4_matmul's launch arguments for one (state, x.shape, x.dtype, bias dtype, mode)."""
+
+    __slots__ = (
+        "fused",
+        "m",
+        "out_shape",
+        "bias_shape",
+        "dtype",
+        "device",
+        "word",
+        "grid",
+        "mid",
+        "tail",
+        "meta",
+        "compiled",
+    )
+
+
+# id(state) -> (weak reference to the state, the state's validated nf4 plan, {key: _MMEntry}).
+# The entries live as long as the state and are rebuilt when a field of the state is reassigned
+# (the nf4 plan is then rebuilt, and no longer the one stored here). At most _MM_MAX_KEYS keys
+# per state (distinct x shapes); past that the state's entries start over.
+_MM_CACHE: dict[int, tuple] = {}
+_MM_MAX_KEYS = 64
+
+
+def _mm_entries(state: QuantState, plan) -> dict:
+    """The launch entries of ``state`` (whose current nf4 plan is ``plan``)."""
+    cached = _MM_CACHE.get(id(state))
+    if cached is not None and cached[1] is plan:
+        return cached[2]
+    entries: dict = {}
+    sid = id(state)
+    # the callback drops the entries when the state dies, before its id can be reused
+    ref = weakref.ref(state, lambda _, c=_MM_CACHE: c.pop(sid, None))
+    _MM_CACHE[sid] = (ref, plan, entries)
+    return entries
+
+
+def _mm_entry(
+    x: torch.Tensor,
     packed: torch.Tensor,
     state: QuantState,
     bias: torch.Tensor | None,
-    out: torch.Tensor | None = None,
+    entries: dict,
+    key: tuple,
+) -> _MMEntry:
+    """Validate the call in full and build (and keep) its launch entry."""
+    _validate(x, packed, state, None, None, 1.0, bias, 0.0)
+    n, k = (int(d) for d in state.shape)
+    e = _MMEntry()
+    e.m = math.prod(x.shape[:-1])
+    e.out_shape = torch.Size((*x.shape[:-1], n))
+    e.bias_shape = torch.Size((n,))
+    e.dtype = x.dtype
+    e.device = packed.device
+    e.fused = use_triton(x, packed, bias) and nf4_matmul_supported(k, state)
+    if e.fused and e.m > 0:
+        plan = _nf4_plan(e.m, n, k, state.blocksize, e.device)
+        dq = state.nested_absmax is not None
+        # x is read as words of two elements: its data must be word aligned
+        e.word = 8 if x.dtype == torch.float32 else 4
+        e.grid = plan.grid
+        # kernel arguments between (x, packed) and (bias, y), then after them
+        e.mid = (
+            state.absmax,
+            state.nested_absmax if dq else state.absmax,
+            state.nested_code if dq else state.code,
+            _aligned_code(state.code),
+        )
+        e.tail = (
+            plan.part,
+            plan.locks,
+            e.m,
+            n,
+            k,
+            k // 2,  # bytes per row of W
+            k // 2,  # words per row of x
+            n,  # elements per row of y
+            plan.chunks_per_split,
+            float(state.offset) if dq else 0.0,
+        )
+        e.meta = {
+            "BLOCKSIZE": state.blocksize,
+            "CHUNK": plan.chunk,
+            "DOUBLE_QUANT": dq,
+            "HAS_BIAS": bias is not None,
+            "BLOCK_M": plan.block_m,
+            "BLOCK_N": plan.block_n,
+            "UNROLL": plan.unroll,
+            "USE_DOT": plan.use_dot,
+            "X_KIND": _X_KIND[x.dtype],
+            "EXACT_MUL": plan.exact_mul,
+            "num_warps": plan.num_warps,
+            "num_stages": 1,
+        }
+        e.compiled = {}
+    if len(entries) >= _MM_MAX_KEYS:
+        entries.clear()
+    entries[key] = e
+    return e
+
+
+def _mm_lookup(
+    x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None
+) -> _MMEntry:
+    """The launch entry of this call; validates in full on a miss, raises on bad input."""
+    plan = _plan_for(packed, state)  # packed + state, validated in full once per state
+    if not isinstance(x, torch.Tensor) or not (bias is None or isinstance(bias, torch.Tensor)):
+        _validate(x, packed, state, None, None, 1.0, bias, 0.0)
+    key = (x.shape, x.dtype, None if bias is None else bias.dtype, get_backend())
+    entries = _mm_entries(state, plan)
+    e = entries.get(key)
+    if e is None:
+        e = _mm_entry(x, packed, state, bias, entries, key)
+    elif x.device != e.device or (
+        bias is not None and (bias.shape != e.bias_shape or bias.device != e.device)
+    ):
+        _validate(x, packed, state, None, None, 1.0, bias, 0.0)
+        raise ValueError("x or bias does not match the quantized weight")  # not reached
+    return e
+
+
+def _mm_run(
+    e: _MMEntry,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None,
 ) -> torch.Tensor:
-    """y = x2·Wᵀ (+ bias) with one kernel launch; x2 is [M, K] with unit column stride."""
-    m, k = x2.shape
-    n = state.shape[0]
-    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device) if out is None else out
-    if m == 0:
+    """One launch of _nf4_matmul_kernel for a fused entry (``out`` already checked)."""
+    # x.new_empty: x has the entry's dtype and device (checked by the lookup), and it is the
+    # cheapest allocation call
+    y = x.new_empty(e.out_shape) if out is None else out
+    if e.m == 0:
         return y
+    xp = x.data_ptr()
+    if xp % e.word or not x.is_contiguous():
+        x = x.clone(memory_format=torch.contiguous_format)  # a fresh buffer is word aligned
+        xp = x.data_ptr()
     if not packed.is_contiguous():
         packed = packed.contiguous()
-    # x is read as words of two elements: rows must be contiguous and word aligned
-    if not x2.is_contiguous() or x2.storage_offset() % 2 or (m == 1 and x2.stride(0) != k):
-        x2 = x2.clone(memory_format=torch.contiguous_format)
-    xw = x2.view(torch.int64 if x2.dtype == torch.float32 else torch.int32)
-    plan = _nf4_plan(m, n, k, state.blocksize, x2.device)
-    dq = state.nested_absmax is not None
-    _nf4_matmul_kernel[plan.grid](
-        xw,
-        packed,
-        state.absmax,
-        state.nested_absmax if dq else state.absmax,
-        state.nested_code if dq else state.code,
-        _aligned_code(state.code),
-        y if bias is None else bias,
-        y,
-        plan.part,
-        plan.locks,
-        m,
-        n,
-        k,
-        k // 2,
-        k // 2,
-        y.stride(0),
-        plan.chunks_per_split,
-        float(state.offset) if dq else 0.0,
-        BLOCKSIZE=state.blocksize,
-        CHUNK=plan.chunk,
-        DOUBLE_QUANT=dq,
-        HAS_BIAS=bias is not None,
-        BLOCK_M=plan.block_m,
-        BLOCK_N=plan.block_n,
-        UNROLL=plan.unroll,
-        USE_DOT=plan.use_dot,
-        X_KIND=_X_KIND[x2.dtype],
-        EXACT_MUL=plan.exact_mul,
-        num_warps=plan.num_warps,
-        num_stages=1,
+    b = y
+    if bias is not None:
+        b = _as(bias, e.dtype)
+        if not b.is_contiguous():
+            b = b.contiguous()
+    # Triton specializes pointers on 16-byte alignment; every other argument is fixed per entry
+    # (the state's tensors, the split-K scratch, the sizes). A fresh y is 16-byte aligned.
+    _launch(
+        _nf4_matmul_kernel,
+        e.grid,
+        (x, packed, *e.mid, b, y, *e.tail),
+        e.meta,
+        e.compiled,
+        (
+            xp % 16 == 0,
+            packed.data_ptr() % 16 == 0,
+            b is y or b.data_ptr() % 16 == 0,
+            out is None or y.data_ptr() % 16 == 0,
+        ),
     )
     return y
+
+
+def _nf4_matmul_fallback(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    state: QuantState,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None,
+    e: _MMEntry,
+) -> torch.Tensor:
+    """Dequant + matmul: the reference backend, CPU tensors outside the interpreter, and K that
+    the kernel does not support."""
+    n, k = state.shape
+    x2 = x.reshape(-1, k).contiguous()
+    w = dequantize_4bit(packed, state, dtype=torch.float32).to(x.dtype)
+    bias_c = None if bias is None else _as(bias, x.dtype)
+    res = torch.addmm(bias_c, x2, w.t()) if bias_c is not None else x2 @ w.t()
+    if out is None:
+        return res.view(e.out_shape)
+    out.view(-1, n).copy_(res)
+    return out
 
 
 def _r_pad(r: int) -> int:
@@ -1075,20 +1255,14 @@ def lora_dropout_mask(
 
 
 def _validate(x, packed, state, lora_a, lora_b, scaling, bias, dropout) -> None:
-    # plain attribute checks only: this runs on every call, so it is kept to a few µs of host time
+    # plain attribute checks only: this runs on every qlora_linear call, so it is kept to a few
+    # µs of host time; (packed, state) is checked in full once per state (qkern.nf4._plan_for:
+    # sizes, dtypes, devices of every field), then by identity of its fields
     check_float(x, "x")
-    if not isinstance(state, QuantState):
-        raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+    _plan_for(packed, state)
     if len(state.shape) != 2:
         raise ValueError(f"state.shape must be [out_features, in_features], got {state.shape}")
     n, k = state.shape
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
-        raise TypeError("packed must be a uint8 tensor of 4-bit codes")
-    if packed.numel() != (n * k + 1) // 2:
-        raise ValueError(
-            f"packed has {packed.numel()} bytes but the quant state's shape ({n}, {k}) needs "
-            f"{(n * k + 1) // 2}"
-        )
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(
             f"x.shape[-1] must equal in_features={k} of the quantized weight ({n}, {k}), "
@@ -1127,11 +1301,6 @@ def _validate(x, packed, state, lora_a, lora_b, scaling, bias, dropout) -> None:
         raise ValueError(f"dropout must be in [0, 1], got {dropout}")
     if not same_device:
         check_same_device(x=x, packed=packed, lora_a=lora_a, lora_b=lora_b, bias=bias)
-    if state.absmax.device != dev:
-        raise ValueError(
-            f"quant state tensors are on {state.absmax.device} but packed is on "
-            f"{packed.device}: move the state with the weight"
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1168,7 +1337,7 @@ class _QLoRALinearFunction(torch.autograd.Function):
                 t = x2 @ a.t()
 
         if small_m:
-            y = _nf4_matmul_launch(x2, packed, state, bias_c)
+            y = nf4_matmul(x2, packed, state, bias_c)
             if has_lora:
                 y.addmm_(t, b.t(), alpha=scaling)
         else:
@@ -1291,6 +1460,19 @@ def qlora_linear_ref(
 # --------------------------------------------------------------------------------------------
 
 
+def _any_requires_grad(*tensors: torch.Tensor | None) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _small_m_forward(x2, packed, state, lora_a, lora_b, scaling, bias) -> torch.Tensor:
+    """y2 = x2·Wᵀ (+ bias) + s·(x2·Aᵀ)·Bᵀ for M <= NF4_MATMUL_MAX_M rows, without dropout: the
+    fused kernel writes x2·Wᵀ (+ bias), the adapter's rank-r product is added in place."""
+    dt = x2.dtype
+    y = nf4_matmul(x2, packed, state, bias)
+    y.addmm_(x2 @ _as(lora_a, dt).t(), _as(lora_b, dt).t(), alpha=scaling)
+    return y
+
+
 def _draw_seed() -> int:
     # CPU generator: no device sync, and restored by torch.utils.checkpoint before recompute
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -1318,12 +1500,38 @@ def qlora_linear(
     """
     scaling = float(scaling)
     dropout = float(dropout)
+    if (
+        lora_a is None
+        and lora_b is None
+        and 0.0 <= dropout <= 1.0
+        and isinstance(x, torch.Tensor)
+        and x.dim() > 0
+        and x.numel() <= NF4_MATMUL_MAX_M * x.shape[-1]
+        and not (torch.is_grad_enabled() and _any_requires_grad(x, bias))
+    ):
+        # the frozen 4-bit linear with nothing to differentiate (decode, eval): nf4_matmul's
+        # cached validation and launch, when its kernel runs and M is small
+        e = _mm_lookup(x, packed, state, bias)
+        if e.fused and e.m <= NF4_MATMUL_MAX_M:
+            return _mm_run(e, x, packed, bias, None)
     _validate(x, packed, state, lora_a, lora_b, scaling, bias, dropout)
     has_lora = lora_a is not None
     p = dropout if (training and has_lora) else 0.0
     if not use_triton(x, packed, lora_a, lora_b, bias):
         return qlora_linear_ref(x, packed, state, lora_a, lora_b, scaling, bias, p, True)
     n, k = state.shape
+    if (
+        has_lora
+        and p == 0
+        and x.numel() <= NF4_MATMUL_MAX_M * k
+        and not (torch.is_grad_enabled() and _any_requires_grad(x, lora_a, lora_b, bias))
+        and nf4_matmul_supported(k, state)
+    ):
+        # decode / eval with an adapter: nothing to differentiate, so no autograd node and
+        # nothing saved; the same kernels as the forward of _QLoRALinearFunction (the same y)
+        x2 = x if x.dim() == 2 else x.reshape(-1, k)
+        y2 = _small_m_forward(x2, packed, state, lora_a, lora_b, scaling, bias)
+        return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], n)
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != k):
         x2 = x2.contiguous()
@@ -1370,29 +1578,28 @@ def nf4_matmul(
     For small M (decode); any leading shape of x; ``out`` (optional) is a contiguous
     [..., out_features] buffer of x's dtype. Needs K % 32 == 0 (see :func:`nf4_matmul_supported`);
     other K, and CPU tensors outside the interpreter, fall back to dequant + matmul. No autograd:
-    use :func:`qlora_linear` for training.
+    use :func:`qlora_linear` for training. A bias in x's dtype avoids a cast per call.
+
+    The first call for a state, x shape, x dtype and bias dtype validates everything and keeps
+    the launch; later calls check devices, the shapes of bias and out and the alignment of x
+    (see "nf4_matmul host path").
     """
-    _validate(x, packed, state, None, None, 1.0, bias, 0.0)
-    n, k = state.shape
-    out_shape = (*x.shape[:-1], n)
-    if out is not None and (
-        tuple(out.shape) != out_shape or out.dtype != x.dtype or not out.is_contiguous()
+    e = _mm_lookup(x, packed, state, bias)
+    if out is not None and not (
+        isinstance(out, torch.Tensor)
+        and out.dtype is e.dtype
+        and out.shape == e.out_shape
+        and out.device == e.device
+        and out.is_contiguous()
     ):
+        got = f"{tuple(out.shape)} of {out.dtype}" if isinstance(out, torch.Tensor) else type(out)
         raise ValueError(
-            f"out must be a contiguous {out_shape} tensor of {x.dtype}, got "
-            f"{tuple(out.shape)} of {out.dtype}"
+            f"out must be a contiguous {tuple(e.out_shape)} tensor of {e.dtype} on {e.device}, "
+            f"got {got}"
         )
-    x2 = x if x.dim() == 2 else x.reshape(-1, k)
-    y2 = None if out is None else (out if out.dim() == 2 else out.view(-1, n))
-    bias_c = None if bias is None else _as(bias, x.dtype)
-    if use_triton(x, packed, bias) and nf4_matmul_supported(k, state):
-        y2 = _nf4_matmul_launch(x2, packed, state, bias_c, y2)
-    else:
-        x2 = x2.contiguous()
-        w = dequantize_4bit(packed, state, dtype=torch.float32).to(x.dtype)
-        res = torch.addmm(bias_c, x2, w.t()) if bias_c is not None else x2 @ w.t()
-        y2 = res if y2 is None else y2.copy_(res)
-    return y2 if x.dim() == 2 else y2.view(out_shape)
+    if not e.fused:
+        return _nf4_matmul_fallback(x, packed, state, bias, out, e)
+    return _mm_run(e, x, packed, bias, out)
 
 
 # --------------------------------------------------------------------------------------------

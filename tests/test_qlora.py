@@ -485,6 +485,156 @@ def test_nf4_matmul_bad_inputs():
         nf4_matmul(x, packed, state, bias=torch.randn(7))
 
 
+def _record_host_path(monkeypatch):
+    """Stub the kernel launch of nf4_matmul and record it, plus every aten op run meanwhile."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    launches, ops = [], []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(qlora, "_launch", lambda *a, **k: launches.append(a[1]))
+    return launches, ops, Ops
+
+
+def test_nf4_matmul_host_path_is_one_launch_and_one_allocation(monkeypatch):
+    # after the first call of a shape, a call runs no torch op except the output allocation
+    # (none with out=) and exactly one kernel launch; qlora_linear's no-grad shortcut likewise
+    dev = kernel_device()
+    packed, state, _ = _weight(40, 128, device=dev)
+    x = torch.randn(2, 3, 128, device=dev)
+    out = torch.empty(2, 3, 40, device=dev)
+    launches, ops, Ops = _record_host_path(monkeypatch)
+    with qkern.backend("triton"):
+        nf4_matmul(x, packed, state)  # first call: validation and entry
+        qlora_linear(x, packed, state)
+        launches.clear()
+        with Ops():
+            y = nf4_matmul(x, packed, state)
+            nf4_matmul(x, packed, state, out=out)
+            qlora_linear(x, packed, state)
+    assert y.shape == (2, 3, 40)
+    assert len(launches) == 3
+    assert ops == ["new_empty", "new_empty"], ops
+
+
+def test_nf4_matmul_cache_across_shapes_out_and_alignment():
+    # entries are per (x shape, x dtype, bias dtype): interleaved shapes, out=, a bias and a
+    # misaligned x of an already-seen shape all give what a fresh state (fresh caches) gives
+    dev = kernel_device()
+    packed, state, w64 = _weight(24, 128, seed=5, device=dev)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(*lead, 128, generator=g).to(dev) for lead in [(1,), (3,), (2, 2), (), (3,)]]
+    bias = torch.randn(24, generator=g).to(dev)
+    with qkern.backend("triton"):
+        first = [nf4_matmul(x, packed, state) for x in xs]
+        again = [nf4_matmul(x, packed, state) for x in reversed(xs)][::-1]
+        with_bias = nf4_matmul(xs[2], packed, state, bias)
+        out = poisoned((2, 2, 24), torch.float32, dev)
+        y_out = nf4_matmul(xs[2], packed, state, bias, out=out)
+        base = torch.randn(3 * 128 + 1, generator=g).to(dev)
+        x_odd = base[1:].view(3, 128)  # an odd element offset: not word aligned
+        y_odd = nf4_matmul(x_odd, packed, state)
+        fresh = dataclasses.replace(state)
+        y_odd_fresh = nf4_matmul(x_odd.clone(), packed, fresh)
+    assert y_out.data_ptr() == out.data_ptr()
+    assert torch.equal(y_out, with_bias)
+    assert torch.equal(y_odd, y_odd_fresh)
+    for x, y1, y2 in zip(xs, first, again):
+        assert y1.shape == (*x.shape[:-1], 24)
+        assert torch.equal(y1, y2)
+        assert_close_rule(y1, x.double().cpu() @ w64.t(), atol=1e-4)
+    assert_close_rule(with_bias, xs[2].double().cpu() @ w64.t() + bias.double().cpu(), atol=1e-4)
+
+
+def test_nf4_matmul_cache_follows_state_changes():
+    dev = kernel_device()
+    packed, state, w64 = _weight(16, 64, seed=1, device=dev, dq=False)
+    packed2, state2, w64_2 = _weight(16, 64, seed=2, device=dev, dq=False)
+    x = torch.randn(2, 64, device=dev)
+    with qkern.backend("triton"):
+        y1 = nf4_matmul(x, packed, state)
+        # reassigning a field of the state rebuilds its entries: the new absmax is used
+        state.absmax = state2.absmax
+        y_mixed = nf4_matmul(x, packed, state)
+        state.absmax = torch.full_like(state2.absmax, float("nan"))
+        y_nan = nf4_matmul(x, packed, state)
+        y2 = nf4_matmul(x, packed2, state2)
+        qlora.clear_workspaces()  # drops every entry and the split-K scratch
+        y2_again = nf4_matmul(x, packed2, state2)
+    assert_close_rule(y1, x.double().cpu() @ w64.t(), atol=1e-4)
+    scale = (state2.absmax / _weight(16, 64, seed=1, dq=False)[1].absmax).double().cpu()
+    w_mixed = (w64.view(-1, 64) * scale[:, None]).view(16, 64)
+    assert_close_rule(y_mixed, x.double().cpu() @ w_mixed.t(), atol=1e-4)
+    assert torch.isnan(y_nan).all()
+    assert torch.equal(y2, y2_again)
+    # entries die with their state
+    n_before = len(qlora._MM_CACHE)
+    tmp = dataclasses.replace(state2)
+    with qkern.backend("triton"):
+        nf4_matmul(x, packed2, tmp)
+    assert len(qlora._MM_CACHE) == n_before + 1
+    del tmp
+    assert len(qlora._MM_CACHE) == n_before
+
+
+def test_nf4_matmul_bad_inputs_after_cached_call():
+    # a cached entry must not let a bad call through: every check of the first call still holds
+    dev = kernel_device()
+    packed, state, _ = _weight(8, 64, device=dev)
+    x = torch.randn(3, 64, device=dev)
+    bias = torch.randn(8, device=dev)
+    with qkern.backend("triton"):
+        nf4_matmul(x, packed, state, bias, out=torch.empty(3, 8, device=dev))
+        nf4_matmul(x, packed, state)
+        with pytest.raises(ValueError, match="bias must be"):
+            nf4_matmul(x, packed, state, bias=torch.randn(7, device=dev))
+        with pytest.raises(ValueError, match="out must be"):
+            nf4_matmul(x, packed, state, bias, out=torch.empty(3, 9, device=dev))
+        with pytest.raises(ValueError, match="out must be"):
+            nf4_matmul(x, packed, state, out=torch.empty(3, 8, device=dev).half())
+        with pytest.raises(ValueError, match="out must be"):
+            nf4_matmul(x, packed, state, out=torch.empty(8, 3, device=dev).t())
+        with pytest.raises(ValueError, match="one device"):
+            nf4_matmul(x.to("meta"), packed, state)
+        with pytest.raises(ValueError, match="packed has"):
+            nf4_matmul(x, packed[:-1], state)
+        with pytest.raises(TypeError, match="packed must be"):
+            nf4_matmul(x, packed.float(), state)
+        with pytest.raises(TypeError, match="state must be"):
+            nf4_matmul(x, packed, "state")
+        with pytest.raises(TypeError, match="x must be"):
+            nf4_matmul(x.tolist(), packed, state)
+        with pytest.raises(TypeError, match="bias must be"):
+            nf4_matmul(x, packed, state, bias=[0.0] * 8)
+        with pytest.raises(ValueError, match="dropout"):
+            qlora_linear(x, packed, state, dropout=float("nan"))
+        with pytest.raises(ValueError, match="x.shape"):
+            qlora_linear(torch.randn(3, 65, device=dev), packed, state)
+        assert nf4_matmul(x, packed, state).shape == (3, 8)
+
+
+def test_qlora_linear_no_grad_small_m_matches_autograd_path():
+    # without anything to differentiate, small M skips the autograd Function (no graph) and
+    # computes the same y with the same kernels
+    dev = kernel_device()
+    packed, state, _ = _weight(24, 64, device=dev)
+    x, a, b, bias = _inputs((2, 3), 24, 64, 4, torch.float32, dev)
+    with qkern.backend("triton"):
+        y_grad = qlora_linear(x, packed, state, a.requires_grad_(), b.requires_grad_(), 2.0, bias)
+        with torch.no_grad():
+            y_nograd = qlora_linear(x, packed, state, a, b, 2.0, bias)
+            y_frozen = qlora_linear(x, packed, state, bias=bias)
+        y_frozen_grad = qlora_linear(x.requires_grad_(), packed, state, bias=bias)
+    assert y_grad.grad_fn is not None and y_frozen_grad.grad_fn is not None
+    assert y_nograd.grad_fn is None and y_frozen.grad_fn is None
+    assert torch.equal(y_nograd, y_grad.detach())
+    assert torch.equal(y_frozen, y_frozen_grad.detach())
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input of qlora_linear
 # --------------------------------------------------------------------------------------------
