@@ -30,14 +30,20 @@ What runs where:
   :func:`dequantize_4bit` validates a state fully once and caches its launch arguments on it,
   later calls check only the packed tensor and the output with integer and identity compares;
   tile sizes come from a table (no autotuner dispatch), and repeated launches go straight to the
-  compiled kernel Triton returned the first time (see ``_launch``). Quantization is three GPU
-  operations (two without double quantization) and one host sync.
+  compiled kernel Triton returned the first time (see ``_launch``). Quantization with double
+  quantization is three GPU operations (two Triton kernels and torch's mean) and no host sync:
+  the offset is read back on the state's first use (see :class:`QuantState`); without double
+  quantization, two GPU operations and one host sync at the end.
 
 Limits: input dtypes float32 / float16 / bfloat16, output dtypes the same three; at least one
-element; finite values only (NaN / Inf raise). bitsandbytes' CUDA build flushes float32
-subnormals to zero; this module does not, so blocks whose absmax is below 1.2e-38 can differ (no
-fp16 input and no realistic weight reaches that). The GPU paths use NVIDIA PTX (inline
-``rcp.approx`` / ``mul.rn``) and are written for NVIDIA cards (benchmarks: docs/nf4.md).
+element; finite values only (NaN / Inf raise ``ValueError``: in ``quantize_4bit``, or, for the
+Triton path with double quantization, on the first use of the returned state). A block whose
+``1 / absmax`` is infinite (all zero, or absmax below ~2^-128; on the GPU any subnormal absmax,
+as the hardware reciprocal flushes it) encodes every element as index 0. bitsandbytes' CUDA
+build flushes float32 subnormals to zero; this module does not, so blocks whose absmax is below
+~4e-37 can differ (no fp16 input and no realistic weight reaches that). The GPU paths use
+NVIDIA PTX (inline ``rcp.approx`` / ``mul.rn`` / ``cvt.rn.bf16x2``) and are written for NVIDIA
+cards (benchmarks: docs/nf4.md).
 """
 
 from __future__ import annotations
@@ -161,6 +167,36 @@ FP4_THRESHOLDS = tuple(
 # number of thresholds below |x| (0..7) -> FP4 magnitude index: c ^ 4 when bit 1 of c is set
 FP4_RANK_TO_INDEX = (0, 1, 6, 7, 4, 5, 2, 3)
 
+# NF4 bucket lookup (the quantize kernel's code search). A scaled value s in [-1, 1] falls in
+# bucket k = RNE(16 * s + 16) in 0..32, read off the float32 sum u = 16 * s + (2^23 + 16): in
+# [2^23, 2^24) the float32 spacing is 1, so u is 2^23 + k exactly (one rounding of an exact
+# value: 16 * s is exact) and k is the low bits of u's bit pattern. A bucket spans 1/16 = 0.0625
+# of s, less than the smallest gap between two NF4 thresholds (0.0796), so it holds at most one
+# threshold, and the index is c_k + (s > t_k): c_k thresholds lie in lower buckets (all below
+# s, as RNE is monotonic), t_k is the bucket's own threshold (+inf when it has none). Every step
+# is exact, so this counts the thresholds strictly below s exactly like the 15 comparisons.
+
+
+def _rne_int(v: Fraction) -> int:
+    """v rounded to the nearest integer, ties to even (float32 round-to-nearest at spacing 1)."""
+    lo = math.floor(v)
+    rest = v - lo
+    return lo + (1 if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and lo % 2) else 0)
+
+
+def _build_nf4_lookup() -> torch.Tensor:
+    """64 int64 entries ``(c_k << 32) | float32 bits of t_k``; buckets 33..63 (reached only by
+    non-finite values, whose blocks are rejected) give index 0."""
+    buckets = [_rne_int(Fraction(t) * 16 + 16) for t in NF4_THRESHOLDS]
+    assert buckets == sorted(set(buckets)) and buckets[-1] <= 32, "one threshold per bucket"
+    entries = []
+    for k in range(64):
+        below = sum(b < k for b in buckets) if k <= 32 else 0
+        t = NF4_THRESHOLDS[below] if k in buckets else math.inf
+        bits = torch.tensor(t, dtype=torch.float32).view(torch.int32).item() & 0xFFFFFFFF
+        entries.append((below << 32) | bits)
+    return torch.tensor(entries, dtype=torch.int64)
+
 
 @cache
 def _table_cpu(name: str) -> torch.Tensor:
@@ -172,6 +208,8 @@ def _table_cpu(name: str) -> torch.Tensor:
     }
     if name == "dynamic":
         return _build_dynamic_map()
+    if name == "nf4_lookup":
+        return _build_nf4_lookup()
     return torch.tensor(tables[name], dtype=torch.float32)
 
 
@@ -242,6 +280,13 @@ class QuantState:
     per-device tables, shared by every such state: treat them as read-only. To change a state,
     assign its fields (or use ``dataclasses.replace``); :func:`dequantize_4bit` caches launch
     arguments on the state and revalidates when a field has been reassigned.
+
+    A double-quantized state made by the Triton quantizer is returned before the GPU has
+    finished: its offset is still a float32 scalar on the device. Reading ``offset`` (which
+    every use of the state does: dequantization, the QLoRA kernels, serialization, ``to``,
+    ``replace``, equality, pickling) copies it to the host once; that is also when NaN/Inf in
+    the quantized weight raise ``ValueError`` (the kernels mark such blocks so that the mean
+    comes back NaN). Assigning ``offset`` replaces a pending value.
     """
 
     absmax: torch.Tensor
@@ -260,9 +305,16 @@ class QuantState:
     _plan = None
 
     def __getstate__(self) -> dict:
+        self.offset  # noqa: B018 (reads a pending offset back, see _resolve_offset)
         state = dict(self.__dict__)
         state.pop("_plan", None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        if "offset" in state:  # pickled while offset was a plain attribute
+            state = dict(state)
+            state["_offset"] = state.pop("offset")
+        self.__dict__.update(state)
 
     @property
     def double_quant(self) -> bool:
@@ -457,6 +509,43 @@ def _clean_prefix(prefix: str) -> str:
 
 def _desc(t: torch.Tensor) -> str:
     return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
+
+
+def _get_offset(self: QuantState) -> float | None:
+    d = self.__dict__
+    if "_pending_offset" in d:
+        _resolve_offset(self)
+    return d.get("_offset")
+
+
+def _set_offset(self: QuantState, value: float | None) -> None:
+    self.__dict__.pop("_pending_offset", None)
+    self.__dict__["_offset"] = value
+
+
+def _resolve_offset(state: QuantState) -> None:
+    """Copy a pending offset (a float32 device scalar left by the Triton quantizer) to the host.
+
+    This is the quantizer's one host sync, deferred to the state's first use. The first kernel
+    stores NaN as the absmax of a block holding NaN/Inf, so the mean is NaN exactly when the
+    weight was not finite, and +inf only when the sum of finite absmax values overflows. On an
+    error the offset stays pending, so every later use raises again.
+    """
+    value = state.__dict__["_pending_offset"].item()
+    if math.isnan(value):
+        raise ValueError(
+            "w contains NaN or Inf; 4-bit quantization needs finite values (found when the "
+            "double-quantized state returned by quantize_4bit was first used)"
+        )
+    if math.isinf(value):
+        raise ValueError("mean of the block absmax overflows float32; w is too large to quantize")
+    del state.__dict__["_pending_offset"]
+    state.__dict__["_offset"] = value
+
+
+# ``offset`` is a dataclass field read and written through this property (installed after the
+# class is built, so the generated __init__, replace(), repr and equality go through it).
+QuantState.offset = property(_get_offset, _set_offset, doc="float32 mean of the block absmax")
 
 
 # --------------------------------------------------------------------------------------------
@@ -664,7 +753,12 @@ def quantize_4bit_ref(
     xb[:n] = x
     xb = xb.view(nb, blocksize)
     absmax = xb.abs().amax(dim=1)
-    scaled = xb * (1.0 / absmax)[:, None]  # all-zero block: 0 * inf = NaN -> index 0
+    inv = 1.0 / absmax
+    scaled = xb * inv[:, None]
+    # A block whose reciprocal is infinite (all zero, or absmax below ~2^-128) gets NaN, hence
+    # index 0 everywhere: 0 * inf = NaN is bitsandbytes' result for an all-zero block, and its
+    # fast-math build (subnormals flushed to zero) gives the same for a subnormal absmax.
+    scaled = torch.where(torch.isinf(inv)[:, None], torch.nan, scaled)
     idx = encode_4bit_ref(scaled, quant_type).reshape(-1)[: n + (n % 2)]  # keep the pad element
     packed = ((idx[0::2] << 4) | idx[1::2]).to(torch.uint8).reshape(-1, 1)
     state = QuantState(
@@ -714,9 +808,8 @@ def dequantize_4bit_ref(
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 
-# Decision thresholds as compile-time constants (exact float32 values, see NF4_THRESHOLDS).
-_N0, _N1, _N2, _N3, _N4, _N5, _N6, _N7 = (tl.constexpr(t) for t in NF4_THRESHOLDS[:8])
-_N8, _N9, _N10, _N11, _N12, _N13, _N14 = (tl.constexpr(t) for t in NF4_THRESHOLDS[8:])
+# FP4 decision thresholds as compile-time constants (exact float32 values, see FP4_THRESHOLDS);
+# NF4 uses the bucket table (_build_nf4_lookup) and its constants.
 _F0, _F1, _F2, _F3, _F4, _F5, _F6 = (tl.constexpr(t) for t in FP4_THRESHOLDS)
 
 # How the GPU kernels form 1/absmax when quantizing. bitsandbytes' CUDA build (fast math) turns
@@ -763,20 +856,18 @@ def _mul_no_fma(a, b, EXACT_MUL: tl.constexpr):
 
 
 @triton.jit
-def _nf4_index(x):
-    """Number of NF4 thresholds strictly below x (0..15): a 4-level binary search whose bits are
-    the index bits. NaN compares false everywhere and gives 0, as in bitsandbytes."""
-    b3 = x > _N7
-    b2 = x > tl.where(b3, _N11, _N3)
-    t1 = tl.where(b3, tl.where(b2, _N13, _N9), tl.where(b2, _N5, _N1))
-    b1 = x > t1
-    t0 = tl.where(
-        b3,
-        tl.where(b2, tl.where(b1, _N14, _N12), tl.where(b1, _N10, _N8)),
-        tl.where(b2, tl.where(b1, _N6, _N4), tl.where(b1, _N2, _N0)),
-    )
-    b0 = x > t0
-    return b3.to(tl.int32) * 8 + b2.to(tl.int32) * 4 + b1.to(tl.int32) * 2 + b0.to(tl.int32)
+def _nf4_lookup(s, add, tbl_ptr):
+    """NF4 index of scaled values s (0..15): the number of NF4 thresholds strictly below s.
+
+    Bucket k = low 6 bits of the float32 ``16 * s + add`` (add = 2^23 + 16, or 2^23 for the
+    zero blocks of the kernel below), then one 8-byte gather from the 64-entry table built by
+    _build_nf4_lookup: index = c_k + (s > t_k). Exact for every float32 s (see the table's
+    comment); values of rejected non-finite blocks still index inside the table.
+    """
+    u = s * 16.0 + add
+    e = tl.load(tbl_ptr + (u.to(tl.int32, bitcast=True) & 63))
+    t = e.to(tl.int32).to(tl.float32, bitcast=True)
+    return (e >> 32).to(tl.int32) + (s > t).to(tl.int32)
 
 
 @triton.jit
@@ -794,12 +885,17 @@ def _fp4_index(x):
 
 
 @triton.jit
-def _split_pair(w, IN_TY: tl.constexpr, IN16: tl.constexpr):
+def _split_pair(w, IN_TY: tl.constexpr):
     """The two inputs packed in one little-endian word, as float32 (first = low half)."""
-    if IN16:
+    if IN_TY == tl.bfloat16:
+        # a bfloat16 is the top half of the float32 with the same value: two integer ops
         u = w.to(tl.uint32, bitcast=True)
-        first = (u & 0xFFFF).to(tl.uint16).to(IN_TY, bitcast=True).to(tl.float32)
-        second = (u >> 16).to(tl.uint16).to(IN_TY, bitcast=True).to(tl.float32)
+        first = (u << 16).to(tl.float32, bitcast=True)
+        second = (u & 0xFFFF0000).to(tl.float32, bitcast=True)
+    elif IN_TY == tl.float16:
+        u = w.to(tl.uint32, bitcast=True)
+        first = (u & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        second = (u >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     else:
         u = w.to(tl.uint64, bitcast=True)
         first = (u & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
@@ -812,27 +908,40 @@ def _quantize_4bit_kernel(
     x_ptr,
     packed_ptr,
     absmax_ptr,
+    tbl_ptr,
     n,
     BLOCKSIZE: tl.constexpr,
     NF4: tl.constexpr,
     RCP: tl.constexpr,
+    EXACT_MUL: tl.constexpr,
     IN_WORDS: tl.constexpr,
     ROWS: tl.constexpr,
     FULL: tl.constexpr,
 ):
     """ROWS blocks of BLOCKSIZE elements per program: absmax_b = max|x|, then the index of
-    x * (1/absmax_b) for every element, packed two per byte (even element high).
+    s = x * (1/absmax_b) for every element, packed two per byte (even element high).
 
     The tile is [ROWS, BLOCKSIZE/2] in byte space, so the pair of inputs that forms one byte sits
     in one lane. IN_WORDS (even n, input aligned to a pair): the pair is one 32-bit word (64-bit
     for float32) read through x_ptr cast to an integer pointer of twice the width, loaded as
     contiguous vectors and split by shifts. Otherwise even and odd elements are two strided loads
     (same cache lines, so DRAM still reads each byte once). Elements past n read as 0, which is
-    bitsandbytes' padding for an odd n. A block holding NaN/Inf stores absmax = NaN for the host
-    to report. FULL (n a multiple of BLOCKSIZE): every block is whole, so one bound per tile row
-    masks everything and the compiler keeps 16-byte vector loads and stores; otherwise the
-    bound is per byte, 2 * byte < n (byte < ceil(n / 2)). No bound forms n + 1 or
-    n + BLOCKSIZE - 1, which can overflow int32.
+    bitsandbytes' padding for an odd n. FULL (n a multiple of BLOCKSIZE): every block is whole,
+    so one bound per tile row masks everything and the compiler keeps 16-byte vector loads and
+    stores; otherwise the bound is per byte, 2 * byte < n (byte < ceil(n / 2)). No bound forms
+    n + 1 or n + BLOCKSIZE - 1, which can overflow int32.
+
+    absmax and the finite check in one integer max: the bit pattern of |x| (sign cleared) is a
+    non-negative int32 that orders like the magnitude, with +Inf (0x7F800000) above every finite
+    value and NaN above +Inf. A block whose max pattern is >= 0x7F800000 held NaN/Inf; its absmax
+    is stored as NaN, which the host turns into the error (mean or max of the absmax).
+
+    Codes: NF4 by bucket lookup (_nf4_lookup: ~6 instructions and one L1 gather per value instead
+    of a 4-level compare/select search), FP4 by its 3-level search. s = x * inv is one rounded
+    multiply (mul.rn on the GPU, so it is never fused into the bucket's multiply-add). A block
+    whose reciprocal is infinite (all zero, or a subnormal absmax) gets index 0 everywhere, as
+    bitsandbytes' NaN rule gives for 0 * inf: inv is replaced by 0, so s = +-0, and NF4 adds 2^23
+    instead of 2^23 + 16, which puts s = 0 in bucket 0 (index 0).
     """
     HALF: tl.constexpr = BLOCKSIZE // 2
     IN16: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth == 16
@@ -850,7 +959,7 @@ def _quantize_4bit_kernel(
         else:
             xw_ptr = x_ptr.to(tl.pointer_type(tl.int64))
         w = tl.load(xw_ptr + byte, mask=byte_ok, other=0)
-        xe, xo = _split_pair(w, x_ptr.dtype.element_ty, IN16)
+        xe, xo = _split_pair(w, x_ptr.dtype.element_ty)
     else:
         even = 2 * byte
         if FULL:
@@ -859,18 +968,22 @@ def _quantize_4bit_kernel(
         else:
             xe = tl.load(x_ptr + even, mask=even < n, other=0.0).to(tl.float32)
             xo = tl.load(x_ptr + even + 1, mask=even + 1 < n, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
-    # x * 0 is 0 for finite x and NaN for NaN/Inf
-    bad = tl.max(((xe * 0.0 != 0.0) | (xo * 0.0 != 0.0)).to(tl.int32), axis=1)
-    # A NaN built from bits (setting the exponent and quiet bit of amax): a NaN-valued global
-    # constexpr would never compare equal to itself, which Triton's cache check rejects.
-    amax_nan = (amax.to(tl.int32, bitcast=True) | 0x7FC00000).to(tl.float32, bitcast=True)
-    tl.store(absmax_ptr + blk, tl.where(bad > 0, amax_nan, amax), mask=blk_ok)
-    inv = _reciprocal(amax, RCP)[:, None]  # all-zero block: inf, then 0 * inf = NaN -> index 0
+    ae = xe.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    ao = xo.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    abits = tl.maximum(tl.max(ae, axis=1), tl.max(ao, axis=1))  # [ROWS]
+    abits = tl.where(abits >= 0x7F800000, 0x7FC00000, abits)  # NaN/Inf -> NaN
+    amax = abits.to(tl.float32, bitcast=True)
+    tl.store(absmax_ptr + blk, amax, mask=blk_ok)
+    inv = _reciprocal(amax, RCP)
+    zero = inv > 3.4028234663852886e38  # 1/absmax = +inf
+    inv = tl.where(zero, 0.0, inv)[:, None]
+    se = _mul_no_fma(xe, inv, EXACT_MUL)
+    so = _mul_no_fma(xo, inv, EXACT_MUL)
     if NF4:
-        q = _nf4_index(xe * inv) * 16 + _nf4_index(xo * inv)
+        add = tl.where(zero, 8388608.0, 8388624.0)[:, None]  # 2^23, 2^23 + 16
+        q = _nf4_lookup(se, add, tbl_ptr) * 16 + _nf4_lookup(so, add, tbl_ptr)
     else:
-        q = _fp4_index(xe * inv) * 16 + _fp4_index(xo * inv)
+        q = _fp4_index(se) * 16 + _fp4_index(so)
     tl.store(packed_ptr + byte, q.to(tl.uint8), mask=byte_ok)
 
 
@@ -943,16 +1056,39 @@ def _block_absmax(
 
 
 @triton.jit
-def _pack_pair(first, second, OUT16: tl.constexpr):
-    """Two adjacent outputs as one little-endian word: first in the low half."""
-    if OUT16:
-        lo = first.to(tl.uint16, bitcast=True).to(tl.uint32)
-        hi = second.to(tl.uint16, bitcast=True).to(tl.uint32)
-        w = (lo | (hi << 16)).to(tl.int32, bitcast=True)
-    else:
+def _round_pack(first, second, out_ty: tl.constexpr, PTX: tl.constexpr):
+    """Two adjacent float32 outputs rounded to out_ty (to nearest, ties to even) and packed into
+    one little-endian word, first in the low half: int32 for 16-bit outputs, int64 for float32.
+    On the GPU one ``cvt.rn.bf16x2.f32`` / ``cvt.rn.f16x2.f32`` rounds and packs the pair (the
+    compiler does not always pair two separate conversions, and a single-value conversion
+    issues at a quarter of the rate)."""
+    if out_ty == tl.float32:
         lo = first.to(tl.uint32, bitcast=True).to(tl.uint64)
         hi = second.to(tl.uint32, bitcast=True).to(tl.uint64)
         w = (lo | (hi << 32)).to(tl.int64, bitcast=True)
+    elif PTX:
+        if out_ty == tl.bfloat16:
+            w = tl.inline_asm_elementwise(
+                "cvt.rn.bf16x2.f32 $0, $2, $1;",
+                "=r,r,r",
+                [first, second],
+                dtype=tl.int32,
+                is_pure=True,
+                pack=1,
+            )
+        else:
+            w = tl.inline_asm_elementwise(
+                "cvt.rn.f16x2.f32 $0, $2, $1;",
+                "=r,r,r",
+                [first, second],
+                dtype=tl.int32,
+                is_pure=True,
+                pack=1,
+            )
+    else:
+        lo = first.to(out_ty).to(tl.uint16, bitcast=True).to(tl.uint32)
+        hi = second.to(out_ty).to(tl.uint16, bitcast=True).to(tl.uint32)
+        w = (lo | (hi << 16)).to(tl.int32, bitcast=True)
     return w
 
 
@@ -975,12 +1111,105 @@ def _dequantize_4bit_kernel(
     LARGE: tl.constexpr,
     ODD: tl.constexpr,
     FULL: tl.constexpr,
+    PERSIST: tl.constexpr,
 ):
-    """out[i] = dtype(code[nibble_i] * absmax[i // BLOCKSIZE]) for a [ROWS, COLS] tile.
+    """out[i] = dtype(code[nibble_i] * absmax[i // BLOCKSIZE]), in tiles of ROWS x COLS outputs.
+
+    One tile per program, or with PERSIST a grid-stride loop: program p handles tiles p, p + G,
+    p + 2G, ... (G = the grid, a few programs per SM, all resident at once), so every SM gets
+    the same number of tiles to within one per program and the grid has no second, partial
+    wave. LARGE switches the index math to int64 near 2^31 elements. With WORDS and an odd n,
+    the last output (high nibble of the last byte) is written by program 0 on its own.
+    EXACT_MUL (set on the GPU) selects inline PTX: the scale's unfused multiply and the paired
+    rounding of outputs (_round_pack).
+    """
+    pid = tl.program_id(0)
+    if LARGE:
+        pid = pid.to(tl.int64)
+    if PERSIST:
+        n_tiles = (n - 1) // (ROWS * COLS) + 1
+        step = tl.num_programs(0)
+        if LARGE:
+            n_tiles = n_tiles.to(tl.int64)
+            step = step.to(tl.int64)
+        for tile in range(pid, n_tiles, step):
+            _dequantize_tile(
+                tile,
+                packed_ptr,
+                absmax_ptr,
+                nested_ptr,
+                ncode_ptr,
+                code_ptr,
+                out_ptr,
+                n,
+                offset,
+                BLOCKSIZE,
+                DOUBLE_QUANT,
+                EXACT_MUL,
+                WORDS,
+                ROWS,
+                COLS,
+                FULL,
+            )
+    else:
+        _dequantize_tile(
+            pid,
+            packed_ptr,
+            absmax_ptr,
+            nested_ptr,
+            ncode_ptr,
+            code_ptr,
+            out_ptr,
+            n,
+            offset,
+            BLOCKSIZE,
+            DOUBLE_QUANT,
+            EXACT_MUL,
+            WORDS,
+            ROWS,
+            COLS,
+            FULL,
+        )
+    if WORDS and ODD:
+        last = n - 1
+        a_last = _block_absmax(
+            last // BLOCKSIZE,
+            last >= 0,
+            absmax_ptr,
+            nested_ptr,
+            ncode_ptr,
+            offset,
+            DOUBLE_QUANT,
+            EXACT_MUL,
+        )
+        b_last = tl.load(packed_ptr + last // 2).to(tl.int32)
+        v_last = (tl.load(code_ptr + (b_last >> 4)) * a_last).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + last, v_last, mask=pid == 0)
+
+
+@triton.jit
+def _dequantize_tile(
+    tile,
+    packed_ptr,
+    absmax_ptr,
+    nested_ptr,
+    ncode_ptr,
+    code_ptr,
+    out_ptr,
+    n,
+    offset,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    EXACT_MUL: tl.constexpr,
+    WORDS: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    FULL: tl.constexpr,
+):
+    """Tile ``tile``: outputs [tile * ROWS * COLS, (tile + 1) * ROWS * COLS) as [ROWS, COLS].
 
     COLS = min(BLOCKSIZE, tile) never spans two quantization blocks, so the block scale is
-    computed once per tile row (_block_absmax), not per element. LARGE switches the index math
-    to int64 near 2^31 elements; ODD marks an odd element count. FULL (n a multiple of COLS):
+    computed once per tile row (_block_absmax), not per element. FULL (n a multiple of COLS):
     each tile row is wholly inside or outside the tensor, so one bound per row masks it and the
     packed bytes load as 16-byte vectors; otherwise the bound is per element.
 
@@ -990,19 +1219,16 @@ def _dequantize_4bit_kernel(
       tile loads ROWS x COLS/2 contiguous bytes (vector loads), dequantizes both nibbles, packs the
       two rounded outputs into one 32-bit word (64-bit for float32 output), and stores the words
       contiguously through ``out_ptr`` cast to an integer pointer of twice the width: 16-byte
-      vector stores and one byte load per two outputs. Needs ``out`` aligned to a word. An odd n
-      leaves the last output (high nibble of the last byte), written by program 0 on its own.
+      vector stores and one byte load per two outputs. Needs ``out`` aligned to a word; an odd
+      n leaves the last output to the kernel.
     * WORDS=False (output space): output i reads byte i // 2 and shifts by 4 * (1 - i % 2). The
       stores are contiguous 16-byte vectors; the byte loads are one narrow load per output (the
       second of each pair hits L1). Used when ``out`` is not aligned for the word view.
     The 16-entry code table is gathered from global memory; 64 B, always an L1 hit.
     """
     OUT16: tl.constexpr = out_ptr.dtype.element_ty.primitive_bitwidth == 16
-    pid = tl.program_id(0)
-    if LARGE:
-        pid = pid.to(tl.int64)
     rows = tl.arange(0, ROWS)
-    row_start = pid * (ROWS * COLS) + rows * COLS  # [ROWS] first output of each row
+    row_start = tile * (ROWS * COLS) + rows * COLS  # [ROWS] first output of each row
     row_ok = row_start < n
     absmax = _block_absmax(
         row_start // BLOCKSIZE,
@@ -1021,30 +1247,22 @@ def _dequantize_4bit_kernel(
         else:
             words_ptr = out_ptr.to(tl.pointer_type(tl.int64))
         HALF: tl.constexpr = COLS // 2
-        j = pid * (ROWS * HALF) + rows[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte/word
+        # Written as (c // VEC) * VEC + c % VEC (= c), the byte/word index is known to be
+        # contiguous in runs of VEC only, so the packed bytes load VEC at a time, in the very
+        # layout of the 16-byte word stores (VEC words); a longer run would give the loads
+        # 16-byte vectors in another layout and a conversion through shared memory (with
+        # barriers) between loads and stores.
+        VEC: tl.constexpr = 4 if OUT16 else 2
+        c = tl.arange(0, HALF)
+        j = tile * (ROWS * HALF) + rows[:, None] * HALF + ((c // VEC) * VEC + c % VEC)[None, :]
         if FULL:
             ok = row_ok[:, None]
         else:
             ok = j < n // 2
         b = tl.load(packed_ptr + j, mask=ok, other=0).to(tl.int32)
-        first = (tl.load(code_ptr + (b >> 4)) * absmax).to(out_ty)
-        second = (tl.load(code_ptr + (b & 15)) * absmax).to(out_ty)
-        tl.store(words_ptr + j, _pack_pair(first, second, OUT16), mask=ok)
-        if ODD:
-            last = n - 1
-            a_last = _block_absmax(
-                last // BLOCKSIZE,
-                last >= 0,
-                absmax_ptr,
-                nested_ptr,
-                ncode_ptr,
-                offset,
-                DOUBLE_QUANT,
-                EXACT_MUL,
-            )
-            b_last = tl.load(packed_ptr + last // 2).to(tl.int32)
-            v_last = (tl.load(code_ptr + (b_last >> 4)) * a_last).to(out_ty)
-            tl.store(out_ptr + last, v_last, mask=pid == 0)
+        first = tl.load(code_ptr + (b >> 4)) * absmax
+        second = tl.load(code_ptr + (b & 15)) * absmax
+        tl.store(words_ptr + j, _round_pack(first, second, out_ty, EXACT_MUL), mask=ok)
     else:
         i = row_start[:, None] + tl.arange(0, COLS)[None, :]  # [ROWS, COLS] output index
         if FULL:
@@ -1129,18 +1347,31 @@ _QUANT_COMPILED: dict = {}
 
 # Quantize tile: 4096 inputs per program (ROWS = 4096 / blocksize blocks, at least one block) and
 # 4 warps, i.e. 32 inputs per thread: one 64-byte (bf16) or two (float32) contiguous loads and
-# 16 packed bytes stored. 4096x4096 makes 4096 programs, ~31 per SM of an H100/H200: enough
-# resident work to keep ~40 KB of loads in flight per SM. (The former autotuner's first choice.)
+# 16 packed bytes stored. 4096x4096 makes 4096 programs, ~31 per SM of an H100/H200; at 54
+# registers per thread (NF4, bf16, sm_90) ~9 are resident per SM, ~70 KB of loads in flight.
 _QUANT_ELEMS = 4096
 
-# Dequantize tiles: ELEMS outputs per program, nibble scheme, warps. The hot path picks from a
-# table (_dequant_config): below 2^20 outputs ELEMS=2048 (at least 512 programs, so small
-# weights still spread over every SM); up to 2^26, ELEMS=4096 with 4 warps (32 outputs per
-# thread: one 16-byte packed load, four 16-byte bf16 word stores; 4096x4096 = 4096 programs,
-# ~2 waves of 16 resident programs per SM); a misaligned output takes the output-space scheme.
-# From 2^26 outputs on (>= 128 MiB of bf16, >= 30 us per call) the first four are timed once per
-# (n, blocksize, double quant, dtype) and the fastest kept, as an autotuner would, but outside
-# the per-call path: the choice is cached with the state's launch arguments.
+# Dequantize tiles: ELEMS outputs per tile, nibble scheme, warps, and PER_SM: 0 for one tile per
+# program, else a persistent grid of PER_SM programs per SM looping over the tiles.
+#
+# Why a persistent grid: a call moves bytes = n/2 packed + n/64 codes + 2n (bf16 out); at
+# 4096x4096 that is 42 MB, ~10 us at the H200's copy rate, while the GPU's fixed costs (the first
+# loads' latency before any store, the last programs draining) stay ~constant per call. With
+# one tile per program, 4096x4096 is 4096 programs of 10 KB at 4096 outputs (~16 resident per
+# SM of 132: just under two waves, and the second one drains unevenly); with PER_SM = 8, 1056
+# programs all start at once and each loops over ~3.9 tiles, so every SM moves 31-32 tiles of
+# 10 KB and they all finish together; the SM's other resident programs hide a program's load
+# latency (8 x 2 KB of packed loads in flight per SM, plus the posted stores). PER_SM x
+# num_warps stays at 32 warps (half an SM), so every program is resident as long as the
+# kernel uses at most 64 registers per thread.
+#
+# The hot path picks from a table (_dequant_config): below 2^20 outputs ELEMS=2048 (at least
+# 512 programs, so small weights still spread over every SM); up to 2^22, ELEMS=4096 with 4
+# warps (32 outputs per thread: one 16-byte packed load, four 16-byte bf16 word stores); a
+# misaligned output takes the output-space scheme. From 2^22 outputs on (>= 8 MiB of bf16,
+# >= ~3 us per call) the candidates in _TUNE_CONFIGS are timed once per (n, blocksize, double
+# quant, dtype) and the fastest kept, as an autotuner would, but outside the per-call path: the
+# choice is cached with the state's launch arguments.
 _DEQUANT_CONFIGS = (
     {"ELEMS": 4096, "WORDS": True, "num_warps": 4},
     {"ELEMS": 8192, "WORDS": True, "num_warps": 8},
@@ -1148,8 +1379,13 @@ _DEQUANT_CONFIGS = (
     {"ELEMS": 2048, "WORDS": True, "num_warps": 4},
     {"ELEMS": 4096, "WORDS": False, "num_warps": 4},
     {"ELEMS": 8192, "WORDS": False, "num_warps": 8},
+    {"ELEMS": 4096, "WORDS": True, "num_warps": 4, "PER_SM": 8},
+    {"ELEMS": 8192, "WORDS": True, "num_warps": 8, "PER_SM": 4},
+    {"ELEMS": 4096, "WORDS": True, "num_warps": 4, "PER_SM": 4},
+    {"ELEMS": 2048, "WORDS": True, "num_warps": 4, "PER_SM": 8},
 )
-_TUNE_MIN_N = 1 << 26
+_TUNE_CONFIGS = tuple(c for c in _DEQUANT_CONFIGS if c["WORDS"])
+_TUNE_MIN_N = 1 << 22
 _TUNED: dict[tuple, dict] = {}
 
 
@@ -1247,10 +1483,22 @@ def _plan_for(packed: torch.Tensor, state: QuantState) -> _DequantPlan:
     return plan
 
 
+@cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; 2 for CPU tensors (the interpreter), so that
+    the tests run the persistent loop with several tiles per program."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _dequant_meta(plan: _DequantPlan, cfg: dict, words_ok: bool) -> tuple[tuple, dict, dict]:
     """Grid, compile-time arguments and (empty) compiled-kernel cache of one tile configuration."""
     elems = cfg["ELEMS"]
     cols = min(plan.blocksize, elems)
+    n_tiles = triton.cdiv(plan.n, elems)
+    per_sm = cfg.get("PER_SM", 0)
+    programs = min(n_tiles, per_sm * _sm_count(plan.device)) if per_sm else n_tiles
     meta = {
         "BLOCKSIZE": plan.blocksize,
         "DOUBLE_QUANT": plan.dq,
@@ -1261,9 +1509,10 @@ def _dequant_meta(plan: _DequantPlan, cfg: dict, words_ok: bool) -> tuple[tuple,
         "LARGE": plan.n + elems >= 2**31,
         "ODD": plan.n % 2 == 1,
         "FULL": plan.n % cols == 0,
+        "PERSIST": programs < n_tiles,
         "num_warps": cfg.get("num_warps", 4),
     }
-    return (triton.cdiv(plan.n, elems), 1, 1), meta, {}
+    return (programs, 1, 1), meta, {}
 
 
 def _launch_dequant(plan: _DequantPlan, packed: torch.Tensor, out: torch.Tensor, entry) -> None:
@@ -1289,16 +1538,17 @@ def _dequant_config(
         return _DEQUANT_CONFIGS[3]
     if plan.n < _TUNE_MIN_N or _INTERPRET or not plan.is_cuda:
         return _DEQUANT_CONFIGS[0]
-    key = (plan.n, plan.blocksize, plan.dq, out.dtype)
+    key = (plan.n, plan.blocksize, plan.dq, out.dtype, plan.device)
     best = _TUNED.get(key)
     if best is None:
         from triton.testing import do_bench
 
         def timed(cfg: dict) -> float:
             entry = _dequant_meta(plan, cfg, True)
-            return do_bench(lambda: _launch_dequant(plan, packed, out, entry), warmup=5, rep=25)
+            fn = lambda: _launch_dequant(plan, packed, out, entry)  # noqa: E731
+            return do_bench(fn, warmup=5, rep=25, return_mode="median")
 
-        best = _TUNED[key] = min(_DEQUANT_CONFIGS[:4], key=timed)
+        best = _TUNED[key] = min(_TUNE_CONFIGS, key=timed)
     return best
 
 
@@ -1360,9 +1610,12 @@ def _quantize_4bit_triton(
     compress_statistics: bool,
     rcp_mode: int | None = None,
 ) -> tuple[torch.Tensor, QuantState]:
-    """Two Triton launches and torch's mean (one launch and torch's max without double quant),
-    then one host sync that reads a single float: the offset, or the largest absmax, which is
-    NaN exactly when a block held NaN/Inf (the first kernel stores NaN for such a block).
+    """Double quantization: two Triton launches and torch's mean, no host sync. The offset
+    stays on the device and is read back on the state's first use (QuantState.offset), which is
+    also when NaN/Inf raise: the first kernel stores NaN as the absmax of such a block, so the
+    mean is NaN. Without double quantization: one launch, torch's max and one host sync at the
+    end (the largest absmax, NaN exactly when a block held NaN/Inf), as nothing else would read
+    a pending value back.
 
     Memory: reads n * itemsize, writes n/2 packed bytes + 4 B per block (+ 1 B per block and
     4 B per 256 blocks for double quant); the absmax re-read by the mean and the nested kernel is
@@ -1381,49 +1634,36 @@ def _quantize_4bit_triton(
         "BLOCKSIZE": blocksize,
         "NF4": quant_type == "nf4",
         "RCP": rcp,
+        "EXACT_MUL": not _INTERPRET,
         # read pairs of inputs as one word: even n and an input aligned to a pair
         "IN_WORDS": n % 2 == 0 and x.data_ptr() % (2 * x.element_size()) == 0,
         "ROWS": rows,
         "FULL": n % blocksize == 0,
         "num_warps": 4,
     }
-    args = (x, packed, absmax, n)
+    args = (x, packed, absmax, _table("nf4_lookup", dev), n)
     key = ("quantize", _spec_key(args), *meta.values())
     _launch(
         _quantize_4bit_kernel, (triton.cdiv(n_blocks, rows), 1, 1), args, meta, _QUANT_COMPILED, key
     )
-    state = QuantState(
-        absmax=absmax,
-        shape=w.shape,
-        dtype=w.dtype,
-        blocksize=blocksize,
-        quant_type=quant_type,
-        code=_table(quant_type, dev),
-    )
-    if compress_statistics:
-        offset = absmax.mean()  # torch's float32 mean, as bitsandbytes computes it
-        codes = torch.empty(n_blocks, dtype=torch.uint8, device=dev)
-        nested = torch.empty(-(-n_blocks // NESTED_BLOCKSIZE), dtype=torch.float32, device=dev)
-        dmap = _table("dynamic", dev)
-        rows = 4  # 1024 scales per program; the whole vector is 1/16 of the packed bytes
-        grid = (triton.cdiv(n_blocks, rows * NESTED_BLOCKSIZE), 1, 1)
-        args = (absmax, offset, codes, nested, dmap, n_blocks)
-        meta = {"RCP": rcp, "ROWS": rows}
-        key = ("absmax", _spec_key(args), rcp)
-        _launch(_quantize_absmax_kernel, grid, args, meta, _QUANT_COMPILED, key)
-        check = offset
-    else:
-        check = absmax.max()  # NaN exactly when a block held NaN/Inf
-    value = check.item()  # the one host sync, after all launches
-    if not math.isfinite(value):
-        if not compress_statistics or not bool(torch.isfinite(absmax).all()):
+    code = _table(quant_type, dev)
+    if not compress_statistics:
+        value = absmax.max().item()  # the one host sync, after the launch
+        if not math.isfinite(value):
             raise _nonfinite_error()
-        raise ValueError("mean of the block absmax overflows float32; w is too large to quantize")
-    if compress_statistics:
-        state.absmax = codes
-        state.nested_absmax = nested
-        state.nested_code = dmap
-        state.offset = value
+        state = QuantState(absmax, w.shape, w.dtype, blocksize, quant_type, code)
+        return packed, state
+    offset = absmax.mean()  # torch's float32 mean, as bitsandbytes computes it
+    codes = torch.empty(n_blocks, dtype=torch.uint8, device=dev)
+    nested = torch.empty(-(-n_blocks // NESTED_BLOCKSIZE), dtype=torch.float32, device=dev)
+    dmap = _table("dynamic", dev)
+    rows = 4  # 1024 scales per program; the whole vector is 1/16 of the packed bytes
+    grid = (triton.cdiv(n_blocks, rows * NESTED_BLOCKSIZE), 1, 1)
+    args = (absmax, offset, codes, nested, dmap, n_blocks)
+    key = ("absmax", _spec_key(args), rcp)
+    _launch(_quantize_absmax_kernel, grid, args, {"RCP": rcp, "ROWS": rows}, _QUANT_COMPILED, key)
+    state = QuantState(codes, w.shape, w.dtype, blocksize, quant_type, code, nested, dmap)
+    state.__dict__["_pending_offset"] = offset  # read back on first use (_resolve_offset)
     return packed, state
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -217,6 +218,28 @@ def test_every_dequant_config_matches_reference(cfg):
         assert torch.equal(got.cpu(), want.cpu())
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [c for c in nf4._DEQUANT_CONFIGS if c.get("PER_SM")],
+    ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()),
+)
+def test_persistent_grid_covers_every_tile(cfg, monkeypatch):
+    """The grid-stride loop: with one SM, PER_SM programs loop over 9-33 tiles, the last one
+    ragged and n odd; every output written (poisoned buffer), bit-exact."""
+    monkeypatch.setattr(nf4, "_sm_count", lambda device: 1)
+    n = 8 * 4096 * 2 + 1001
+    w = _weight((n,), torch.float32, 8).to(DEV)
+    for dq in (True, False):
+        p, s = nf4.quantize_4bit_ref(w, 64, "nf4", dq)
+        want = nf4.dequantize_4bit_ref(p, s, dtype=torch.float16)
+        grid, meta, _ = nf4._dequant_meta(nf4._plan_for(p, s), cfg, True)
+        assert meta["PERSIST"] and grid[0] == cfg["PER_SM"] < triton_cdiv(n, cfg["ELEMS"])
+        out = poisoned((n,), torch.float16, DEV)
+        with qkern.backend("triton"):
+            got = nf4._dequantize_4bit_triton(p, s, out, None, config=cfg)
+        assert torch.equal(got.cpu(), want.cpu())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_misaligned_buffers_take_the_elementwise_paths(dtype):
     """An input or output that starts mid-word cannot be viewed as pairs: the kernels fall back
@@ -272,6 +295,102 @@ def test_values_exactly_on_thresholds_take_the_lower_code():
     for p, _ in (nf4.quantize_4bit_ref(w, 32, "nf4", False), _triton_quantize(w, 32, "nf4", False)):
         idx = nf4.unpack_4bit_ref(p.cpu(), w.numel())
         assert idx[:15].tolist() == list(range(15))
+
+
+def _ulp_neighbours(values, k: int) -> torch.Tensor:
+    """Every float32 within k ulps of each value (the values themselves included)."""
+    bits = torch.tensor(values, dtype=torch.float32).view(torch.int32).long()
+    steps = torch.arange(-k, k + 1)
+    near = (bits[:, None] + steps[None, :]).reshape(-1)
+    return near.to(torch.int32).view(torch.float32)
+
+
+def _nf4_search_points() -> torch.Tensor:
+    """Scaled values where an NF4 search can go wrong: on and next to every threshold and every
+    bucket edge of the lookup ((k - 16.5) / 16), at +-0, +-1, and just beyond +-1."""
+    edges = [(k - 16.5) / 16 for k in range(34)]
+    pts = _ulp_neighbours(list(nf4.NF4_THRESHOLDS) + edges + [-1.0, 1.0, 0.0], 40)
+    tiny = torch.arange(0, 64, dtype=torch.int32).view(torch.float32)  # +0 and subnormals
+    pts = torch.cat([pts, tiny, -tiny])
+    return pts[pts.abs() <= 1.0 + 2**-20]
+
+
+def test_nf4_bucket_table_counts_thresholds_exactly():
+    """The kernel's NF4 search (bucket from the float32 16*s + 2^23 + 16, one table entry, one
+    compare), emulated in float32: equal to the count of thresholds strictly below s."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.cat([_nf4_search_points(), torch.rand(200_000, generator=g) * 2 - 1])
+    table = nf4._table_cpu("nf4_lookup")
+    u = s * 16.0 + torch.tensor(8388624.0)
+    e = table[(u.view(torch.int32) & 63).long()]
+    t = (e & 0xFFFFFFFF).to(torch.int32).view(torch.float32)  # low word, reinterpreted
+    got = (e >> 32) + (s > t).long()
+    want = (s[:, None] > torch.tensor(nf4.NF4_THRESHOLDS)[None, :]).sum(1)
+    assert torch.equal(got, want), s[got != want][:5]
+    assert table.numel() == 64 and (table[33:] >> 32).eq(0).all()
+
+
+@pytest.mark.skipif(
+    os.environ.get("QKERN_EXHAUSTIVE") != "1", reason="minutes of CPU: set QKERN_EXHAUSTIVE=1"
+)
+def test_nf4_bucket_table_exhaustive():
+    """The emulated bucket search against the threshold count for every float32 in
+    [-1.0001, 1.0001] (2.1e9 values; the kernel's scaled values never leave that range)."""
+    table = nf4._table_cpu("nf4_lookup")
+    t_all = (table & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    c_all = table >> 32
+    thr = torch.tensor(nf4.NF4_THRESHOLDS)
+    top = torch.tensor(1.0001).view(torch.int32).item()
+    step = 1 << 24
+    for sign in (0, -(2**31)):
+        for lo in range(0, top + 1, step):
+            bits = torch.arange(lo, min(lo + step, top + 1), dtype=torch.int64) + sign
+            s = bits.to(torch.int32).view(torch.float32)
+            k = ((s * 16.0 + torch.tensor(8388624.0)).view(torch.int32) & 63).long()
+            got = c_all[k] + (s > t_all[k]).long()
+            assert torch.equal(got, torch.searchsorted(thr, s, right=False)), (sign, lo)
+
+
+@pytest.mark.parametrize("qt", nf4.QUANT_TYPES)
+def test_kernel_search_near_thresholds_and_bucket_edges(qt):
+    """Through the quantize kernel: blocks of 32 holding 1.0 (absmax 1, so the scaled values are
+    the inputs themselves) and 31 values on or a few ulps from a threshold or bucket edge."""
+    pts = _nf4_search_points()
+    if qt == "fp4":
+        pts = torch.cat([_ulp_neighbours(list(nf4.FP4_THRESHOLDS), 40), pts])
+        pts = torch.cat([pts, -pts])
+    pts = pts[pts.abs() <= 1.0]  # so that each block's absmax stays 1
+    pts = pts[torch.randperm(pts.numel(), generator=torch.Generator().manual_seed(1))]
+    nb = -(-pts.numel() // 31)
+    blocks = torch.zeros(nb, 32)
+    blocks[:, 0] = 1.0
+    slots = (torch.arange(nb * 32) % 32 != 0).nonzero().view(-1)[: pts.numel()]
+    blocks.view(-1)[slots] = pts
+    w = blocks.reshape(-1).to(DEV)
+    pr, _ = nf4.quantize_4bit_ref(w, 32, qt, False)
+    pt, _ = _triton_quantize(w, 32, qt, False)
+    assert torch.equal(pr.cpu(), pt.cpu())
+    if qt == "nf4":
+        idx = nf4.unpack_4bit_ref(pt.cpu(), w.numel())
+        want = (w.cpu()[:, None] > torch.tensor(nf4.NF4_THRESHOLDS)[None, :]).sum(1)
+        assert torch.equal(idx, want)
+
+
+def test_block_with_infinite_reciprocal_gets_index_zero():
+    """A block whose absmax is so small that 1/absmax overflows (all zero, or below 2^-128)
+    encodes every element as index 0, in the reference and in the kernel."""
+    w = torch.randn(4, 64)
+    w[1] = torch.randn(64) * 1e-40  # subnormal absmax: 1/absmax = inf
+    w[2] = 0.0
+    w[3] = torch.randn(64) * 1e-38  # finite reciprocal: quantized normally
+    w = w.to(DEV)
+    for qt in nf4.QUANT_TYPES:
+        pr, _ = nf4.quantize_4bit_ref(w, 64, qt, False)
+        pt, _ = _triton_quantize(w, 64, qt, False)
+        assert torch.equal(pr.cpu(), pt.cpu())
+        rows = pr.view(4, 32).cpu()
+        assert rows[1].eq(0).all() and rows[2].eq(0).all()
+        assert rows[3].ne(0).any() and rows[0].ne(0).any()
 
 
 @pytest.mark.parametrize("qt", nf4.QUANT_TYPES)
@@ -488,7 +607,57 @@ def test_quantize_bad_inputs():
         for path in ("reference", "triton"):
             for dq in (True, False):
                 with qkern.backend(path), pytest.raises(ValueError, match="NaN or Inf"):
-                    qkern.quantize_4bit(w2.to(DEV), compress_statistics=dq)
+                    _, s = qkern.quantize_4bit(w2.to(DEV), compress_statistics=dq)
+                    # the Triton quantizer with double quant does not wait for the GPU: the
+                    # check comes back with the offset, on the state's first use
+                    assert path == "triton" and dq, "the other paths raise in quantize_4bit"
+                    s.offset  # noqa: B018
+
+
+def test_deferred_nonfinite_error_on_every_use_of_the_state():
+    """Double quant on the Triton path returns before the GPU has finished; a NaN/Inf weight
+    then raises on every use of the state (offset, dequantization, serialization, copies), and
+    keeps raising; assigning an offset replaces the pending one."""
+    import copy
+    from dataclasses import replace
+
+    w = torch.randn(4, 64)
+    w[3, 7] = float("inf")
+    with qkern.backend("triton"):
+        p, s = qkern.quantize_4bit(w.to(DEV))
+        uses = (
+            lambda: s.offset,
+            lambda: qkern.dequantize_4bit(p, s),
+            lambda: s.as_bnb_dict("w.weight"),
+            lambda: s.to(DEV),
+            lambda: replace(s),
+            lambda: copy.deepcopy(s),
+            lambda: s.dequantized_absmax(),
+        )
+        for use in uses + uses:
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                use()
+        s.offset = 0.5
+        assert s.offset == 0.5 and qkern.dequantize_4bit(p, s).shape == w.shape
+
+
+def test_pending_offset_reads_back_once_and_pickles():
+    """A finite weight: the Triton quantizer's pending offset equals the reference's, survives
+    pickling and copies as a float, and a state pickled with a plain offset attribute loads."""
+    import pickle
+
+    w = _weight((5, 128), torch.float32, 12).to(DEV)
+    _, sr = nf4.quantize_4bit_ref(w, 64, "nf4", True)
+    _, st_ = _triton_quantize(w, 64, "nf4", True)
+    assert "_pending_offset" in st_.__dict__
+    again = pickle.loads(pickle.dumps(st_))
+    assert "_pending_offset" not in st_.__dict__ and isinstance(st_.offset, float)
+    assert again.offset == st_.offset == sr.offset
+    old_style = dict(again.__dict__)
+    old_style["offset"] = old_style.pop("_offset")
+    revived = nf4.QuantState.__new__(nf4.QuantState)
+    revived.__setstate__(old_style)
+    assert revived.offset == sr.offset
 
 
 def test_dequantize_bad_inputs():
@@ -636,8 +805,9 @@ class _StubKernel:
 
 def test_hot_paths_run_no_torch_op_but_their_allocations(monkeypatch):
     """dequantize_4bit(out=...) with a cached state: one launch, no torch op (no views, no
-    copies, no syncs). quantize: its outputs, torch's mean (or max), one host sync, two
-    launches (one without double quant) and no table copies."""
+    copies, no syncs). quantize: its outputs, torch's mean and two launches with no host sync
+    (double quant), or torch's max, one launch and one sync at the end (without); no table
+    copies."""
     count = _CountOps()
     stub = _StubKernel(nf4._dequantize_4bit_kernel)
     monkeypatch.setattr(nf4, "_dequantize_4bit_kernel", stub)
@@ -656,9 +826,11 @@ def test_hot_paths_run_no_torch_op_but_their_allocations(monkeypatch):
     assert grid == (triton_cdiv(7 * 131, meta["ROWS"] * meta["COLS"]), 1, 1)
 
     w = _weight((16, 256), torch.float32, 3).to(DEV)
+    sync = ["_local_scalar_dense.default"]
     for dq, want in (
+        # double quant: no host sync at all (the offset is read back on first use)
         (True, ["empty.memory_format"] * 2 + ["mean.default"] + ["empty.memory_format"] * 2),
-        (False, ["empty.memory_format"] * 2 + ["max.default"]),
+        (False, ["empty.memory_format"] * 2 + ["max.default"] + sync),
     ):
         count = _CountOps()
         q1 = _StubKernel(nf4._quantize_4bit_kernel, count, fill=2)  # the block absmax
@@ -667,9 +839,14 @@ def test_hot_paths_run_no_torch_op_but_their_allocations(monkeypatch):
         monkeypatch.setattr(nf4, "_quantize_absmax_kernel", q2)
         with count.mode:
             _, st_ = nf4._quantize_4bit_triton(w, 64, "nf4", dq)
-        assert count.ops == want + ["_local_scalar_dense.default"], count.ops
+        assert count.ops == want, count.ops
         assert (len(q1.calls), len(q2.calls)) == (1, int(dq))
         assert st_.code is nf4._table("nf4", w.device), "no copy of the code table"
+        if dq:
+            with count.mode:
+                assert st_.offset == 1.0  # the stub's absmax: all ones
+                assert st_.offset == 1.0
+            assert count.ops[len(want) :] == sync, "one read-back, on first use only"
 
 
 def triton_cdiv(a, b):
@@ -810,6 +987,25 @@ def test_gpu_default_quantize_differs_from_ieee_only_next_to_thresholds():
 
 
 @pytest.mark.gpu
+def test_gpu_quantize_with_double_quant_does_not_sync():
+    """quantize_4bit (double quant) queues its work and returns: CUDA's sync debug mode set to
+    "error" would raise on any synchronizing call. The first read of the offset syncs once."""
+    w = _weight((1024, 1024), torch.bfloat16, 3).cuda()
+    nf4.quantize_4bit(w)  # compile outside the checked region
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        p, s = nf4.quantize_4bit(w)
+        with pytest.raises(RuntimeError):
+            s.offset  # noqa: B018
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    _, sr = nf4.quantize_4bit_ref(w, 64, "nf4", True)
+    assert s.offset == sr.offset
+
+
+@pytest.mark.gpu
 def test_gpu_direct_launches_are_bit_exact():
     """Repeated calls go through the compiled kernels the first calls returned (no Triton
     dispatch): still bit-exact, for fresh and caller buffers, aligned and not, and no direct
@@ -846,4 +1042,4 @@ def test_gpu_measured_config_for_large_n(monkeypatch):
     assert torch.equal(nf4.dequantize_4bit(p, s), want)
     assert torch.equal(nf4.dequantize_4bit(p, s), want)
     assert len(nf4._TUNED) == 1
-    assert next(iter(nf4._TUNED.values())) in nf4._DEQUANT_CONFIGS[:4]
+    assert next(iter(nf4._TUNED.values())) in nf4._TUNE_CONFIGS
