@@ -17,6 +17,14 @@ Floors on an H100 (~700 TFLOP/s bf16, ~3000 GB/s copy); the larger of the two is
   the kernel runs), "qkern-novalidate" skips it, "qkern-inplace" writes the gradient into the
   logits. The "CE logits ... loss only" case (no gradient: pass 1 alone, one read, floor 2.1 GB)
   separates pass 1 from pass 2 when reading the numbers.
+
+Chunk sweep (linear + CE): "qkern-c<R>" rows force R rows per chunk (the private override of the
+rule in qkern/cross_entropy.py; "qkern" is the rule's own choice, its ``chunk_rows`` extra) for R
+in 1024 ... 2048: the logits buffer is R x V x 2 B (250.5 MiB at 1024, 501 MiB at 2048), and the
+d-hidden product (R x H output, K = V) fills 0.97 / 1.21 / 1.45 / 1.70 / 1.94 waves of 128 x 256
+tiles on 132 SMs. The default "qkern" rows also carry a kernel-time breakdown from the profiler
+(GEMM, CE kernel, label scans, other; ``gaps_ms`` = do_bench time minus the kernels' sum) and the
+cuBLAS kernels that ran (their names give tile shape and split-K / stream-K).
 """
 
 from __future__ import annotations
@@ -25,11 +33,13 @@ import importlib
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
-from bench.common import Ceilings, Row, bench_ms
+from bench.common import Ceilings, Row, bench_ms, kernel_events
 
 T, H, V = 8192, 4096, 128256
 MIB = 2**20
+SWEEP_ROWS = (1024, 1280, 1536, 1792, 2048)
 
 
 def _peak_extra_mib(fn) -> float:
@@ -45,6 +55,37 @@ def _peak_extra_mib(fn) -> float:
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a64, b64 = a.detach().double(), b.detach().double()
     return ((a64 - b64).norm() / b64.norm().clamp_min(1e-300)).item()
+
+
+def _kernel_breakdown(step) -> dict:
+    """GPU time per kernel family of one ``step`` (profiled, 3 steps averaged), in ms, and the
+    cuBLAS kernels with their calls per step and mean microseconds."""
+    step()
+    torch.cuda.synchronize()
+    iters = 3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    fams = {"gemm_ms": 0.0, "ce_ms": 0.0, "scan_ms": 0.0, "other_ms": 0.0}
+    gemms: dict[str, list[float]] = {}
+    for name, us in kernel_events(prof):
+        low = name.lower()
+        if "_ce_kernel" in low:
+            fams["ce_ms"] += us
+        elif "label_scan" in low:
+            fams["scan_ms"] += us
+        elif any(k in low for k in ("gemm", "xmma", "nvjet", "cutlass", "splitk", "sm90")):
+            fams["gemm_ms"] += us
+            gemms.setdefault(name[:72], []).append(us)
+        else:
+            fams["other_ms"] += us
+    out = {k: v / iters / 1e3 for k, v in fams.items()}
+    top = sorted(gemms.items(), key=lambda kv: -sum(kv[1]))[:4]
+    out["gemm_kernels"] = " | ".join(
+        f"{n} x{len(v) / iters:g} {sum(v) / len(v):.0f}us" for n, v in top
+    )
+    return out
 
 
 def _linear_rows(ceilings: Ceilings) -> list[Row]:
@@ -121,6 +162,60 @@ def _linear_rows(ceilings: Ceilings) -> list[Row]:
                 row.extra["dh_rel_err"] = _rel(dh, ref_dh)
                 if dw is not None:
                     row.extra["dw_rel_err"] = _rel(dw, ref_dw)
+        rows += _chunk_sweep(hh, ww, y, train_w, case, case_rows, ref_dh, grad_mib)
+    return rows
+
+
+def _chunk_sweep(hh, ww, y, train_w, case, case_rows, ref_dh, grad_mib) -> list[Row]:
+    """qkern at forced chunk sizes (do_bench with a modest rep), and the default's breakdown."""
+    import qkern
+
+    ce = importlib.import_module("qkern.cross_entropy")  # the module, not the lazy export
+
+    def step():
+        hh.grad = None
+        ww.grad = None
+        loss = qkern.fused_linear_cross_entropy(hh, ww, y)
+        loss.backward()
+        return loss
+
+    default = case_rows["qkern"]
+    default.extra["chunk_rows"] = ce._flce_chunk_rows(T, V, H, 2, train_w, hh.device)
+    default.extra.update(_kernel_breakdown(step))
+    kern = sum(default.extra[k] for k in ("gemm_ms", "ce_ms", "scan_ms", "other_ms"))
+    default.extra["gaps_ms"] = default.ms - kern
+    hh.grad = ww.grad = None
+    torch.cuda.empty_cache()
+    rows = []
+    try:
+        for chunk in SWEEP_ROWS:
+            ce._FLCE_CHUNK_ROWS = chunk
+            step()  # warm-up
+            err = _rel(hh.grad, ref_dh)
+            hh.grad = ww.grad = None
+            peak = _peak_extra_mib(step)
+            hh.grad = ww.grad = None
+            ms = bench_ms(step, warmup=1, rep=150)
+            hh.grad = ww.grad = None
+            torch.cuda.empty_cache()
+            rows.append(
+                Row(
+                    "cross_entropy",
+                    case,
+                    f"qkern-c{chunk}",
+                    ms,
+                    flops=(3 if train_w else 2) * 2 * T * H * V,
+                    extra={
+                        "peak_extra_MiB": peak,
+                        "peak_minus_grads_MiB": peak - grad_mib,
+                        "buffer_MiB": chunk * V * 2 / MIB,
+                        "vs_torch": ms / case_rows["torch"].ms,
+                        "dh_rel_err": err,
+                    },
+                )
+            )
+    finally:
+        ce._FLCE_CHUNK_ROWS = None
     return rows
 
 

@@ -33,9 +33,10 @@ SM for long rows, walks its rows: pass 1 an online log-sum-exp with per-thread s
 gradient (optionally into the logits buffer); one register queue prefetches across passes and
 rows. For scalar reductions the gradient is produced in the forward call and backward only scales
 it by grad_output, on the device, skipping the work when it is 1. The fused linear version walks
-chunks of rows (1536 at V = 128256 in bf16, from a 384 MiB budget): cuBLAS logits into one reused
-buffer, the CE kernel in place, then cuBLAS d(hidden) and, only for a trainable head, d(weight)
--- all in forward, so nothing is recomputed. Timings are in the docs' "Measured" section.
+chunks of rows (a multiple of 256 chosen by a GEMM-wave model within a 504 MiB buffer budget:
+2048 at T = 8192, H = 4096, V = 128256 in bf16): cuBLAS logits into one reused buffer, the CE
+kernel in place, then cuBLAS d(hidden) and, only for a trainable head, d(weight) -- all in
+forward, so nothing is recomputed. Timings are in the docs' "Measured" section.
 
 Limits: logits / hidden / weight in float32, float16 or bfloat16 (the references also take
 float64); labels of an integer dtype. Labels outside [0, V) that are not ``ignore_index`` raise a
@@ -50,6 +51,7 @@ ignored).
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -795,10 +797,20 @@ class _Rows:
     info: torch.Tensor
 
 
-def _scan_labels(y: torch.Tensor, vocab: int, ignore_index: int) -> _Rows:
+def _scan_labels(
+    y: torch.Tensor,
+    vocab: int,
+    ignore_index: int,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> _Rows:
+    """``out`` = (order, info): int32 buffers of >= max(T, 1) and 4 elements to fill (the fused
+    linear loss preallocates them for all its chunks); new ones otherwise."""
     rows = y.numel()
-    order = torch.empty(max(rows, 1), dtype=torch.int32, device=y.device)
-    info = torch.empty(4, dtype=torch.int32, device=y.device)
+    if out is not None:
+        order, info = out
+    else:
+        order = torch.empty(max(rows, 1), dtype=torch.int32, device=y.device)
+        info = torch.empty(4, dtype=torch.int32, device=y.device)
     block = _INTERPRET_SCAN_BLOCK if interpreter_enabled() else _SCAN_BLOCK
     _label_scan_kernel[(1,)](y, order, info, rows, vocab, ignore_index, BLOCK=block, num_warps=8)
     return _Rows(order, info)
@@ -1093,20 +1105,85 @@ def _cross_entropy_triton(
 # fused linear cross-entropy: chunks of rows through cuBLAS + the CE kernel in place
 # ------------------------------------------------------------------------------------------------
 
-# Bound on the bf16/fp16/fp32 logits chunk. rows = budget / (V * bytes per element): at V = 128256
-# in bf16 that is 384 MiB / 250.5 KiB = 1569 -> 1536 rows (whole 128-row matmul tiles; 6 chunks
-# for T = 8192 instead of 8 at 256 MiB: a trained head re-reads and re-writes the 1 GiB dW once
-# per chunk, so 2 chunks fewer save ~4 GiB of traffic). Together with the per-row loss and
-# (max, log-sum) vectors (12 bytes a row) and d(bias) in fp32 (4 V bytes) the extra memory stays
-# under 512 MiB (376 MiB buffer + < 1 MiB); d(hidden) and d(weight) are the gradients.
-_FLCE_CHUNK_BYTES = 384 * 2**20
+# Chunk size. Memory: the one (C, V) logits buffer, reused by every chunk, holds the logits and
+# then, in place, their gradient; everything else the path allocates is O(T + V): the per-row
+# loss and (max, log-sum) vectors (12 B/row), the label scans' row orders (4 B/row for all rows +
+# 4 B/row for the chunks), d(bias) in fp32 and one column-sum temporary (8 V B, only with a
+# trained bias): 0.2 MiB at T = 8192, V = 128256. d(hidden) and d(weight) are the returned
+# gradients, not counted. The buffer budget is the 512 MiB extra-memory target less 8 MiB for
+# those vectors: C <= 504 MiB / (V * bytes per element) = 2060 rows at V = 128256 in bf16.
+_FLCE_CHUNK_BYTES = 504 * 2**20
+
+# Private override of the rule below (None: the rule). The benchmark sweeps it; tests use it to
+# force ragged chunks. Any positive row count is accepted (the budget is not applied).
+_FLCE_CHUNK_ROWS: int | None = None
+
+# Cost model of one sweep over the chunks (only relative values matter): a cuBLAS product runs
+# whole waves of output tiles over the SMs, so a chunk's products cost
+#   ceil(tiles / SMs) * (time of one tile),  one tile = 2 * tile_m * tile_n * K flops,
+# for the logits (C x V, K = H), d hidden (C x H, K = V) and d weight (V x H, K = C) products,
+# taken under both 128 x 256 and 128 x 128 tiles (cuBLAS picks per shape; the worse of the two
+# counts, so a chunk is good under either); plus, with a trained head, the read + write of dW by
+# every chunk's accumulation after the first, and a fixed cost per chunk (launches, pipeline
+# fill and drain of 3-4 kernels). Example, T = 8192, H = 4096, V = 128256: d hidden has
+# (C / 128) * 16 tiles of 128 x 256: 128 at C = 1024 (0.97 waves of 132 SMs), 192 at C = 1536
+# (1.45 -> 2 waves, 27% idle), 256 at C = 2048 (1.94 waves), and a 1536-row sweep ends with a
+# 512-row chunk of 64 tiles (half the SMs idle through K = 128256).
+_FLCE_TILES = ((128, 256), (128, 128))
+_FLCE_MM_FLOPS = 700e12  # bf16 dense matmul rate of an H100 / H200 (measured ~690-715 TFLOP/s)
+_FLCE_HBM_BYTES = 3.3e12  # copy bandwidth (3.0 TB/s H100, 4.3 TB/s H200)
+_FLCE_CHUNK_FIXED_S = 20e-6
 
 
-def _flce_chunk_rows(rows: int, vocab: int, elt: int) -> int:
-    chunk = _FLCE_CHUNK_BYTES // (vocab * elt)
-    if chunk >= 128:
-        chunk -= chunk % 128
-    return max(1, min(rows, chunk))
+def _flce_cost(
+    rows: int, chunk: int, vocab: int, hidden: int, elt: int, dw: bool, sms: int
+) -> float:
+    """Modeled seconds of the chunk loop's products over ``rows`` rows in chunks of ``chunk``."""
+
+    def waves(tiles: int) -> int:
+        return -(-tiles // sms)
+
+    def one(c: int) -> float:
+        worst = 0.0
+        for tm, tn in _FLCE_TILES:
+            cm = -(-c // tm)
+            flops = waves(cm * -(-vocab // tn)) * hidden + waves(cm * -(-hidden // tn)) * vocab
+            if dw:
+                flops += waves(-(-vocab // tm) * -(-hidden // tn)) * c
+            worst = max(worst, 2.0 * tm * tn * flops * sms / _FLCE_MM_FLOPS)
+        return worst + _FLCE_CHUNK_FIXED_S
+
+    full, tail = divmod(rows, chunk)
+    cost = full * one(chunk) + (one(tail) if tail else 0.0)
+    if dw:
+        cost += (full + (1 if tail else 0) - 1) * 2 * vocab * hidden * elt / _FLCE_HBM_BYTES
+    return cost
+
+
+@functools.lru_cache(maxsize=64)
+def _flce_best_chunk(
+    rows: int, vocab: int, hidden: int, elt: int, dw: bool, sms: int, budget: int
+) -> int:
+    cap = budget // (vocab * elt)
+    if cap < 256:  # very long rows: as many whole 128-row tiles as fit, else what fits
+        return max(1, min(rows, cap - cap % 128 if cap >= 128 else cap))
+    # multiples of 256 rows (whole tiles of 128 or 256 rows) that fit, and all rows at once when
+    # they fit; the cheapest modeled sweep wins, ties go to the smaller buffer
+    cands = list(range(256, min(cap, rows) + 1, 256)) + ([rows] if rows <= cap else [])
+    return min(cands, key=lambda c: (_flce_cost(rows, c, vocab, hidden, elt, dw, sms), c))
+
+
+def _flce_chunk_rows(
+    rows: int, vocab: int, hidden: int, elt: int, dw: bool, device: torch.device
+) -> int:
+    """Rows per chunk: the override, else the cheapest multiple of 256 rows within the budget
+    under the wave model above (2048 for both heads at T = 8192, H = 4096, V = 128256 in bf16)."""
+    if _FLCE_CHUNK_ROWS is not None:
+        return max(1, min(rows, int(_FLCE_CHUNK_ROWS)))
+    if rows == 0:
+        return 1
+    sms = num_sms(device) if device.type == "cuda" else 132
+    return _flce_best_chunk(rows, vocab, hidden, elt, dw, sms, _FLCE_CHUNK_BYTES)
 
 
 def _flce_pass(
@@ -1125,17 +1202,25 @@ def _flce_pass(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """One sweep over row chunks: logits = h_c W^T (+ b) into a bounded buffer, CE kernel (loss,
     and the gradient in place when any is needed), dh_c = dlogits W, dW += dlogits^T h_c,
-    db += column sums. Returns (dh, dW, db in fp32), None where not needed."""
+    db += column sums. Returns (dh, dW, db in fp32), None where not needed.
+
+    Nothing is copied or cast inside the loop: every product writes its output in place (the
+    logits into the reused buffer's first rows, dh_c straight into its rows of d hidden, dW by
+    the GEMM epilogue), the CE kernel overwrites the logits with their gradient, and the label
+    scans fill slices of two buffers allocated once. Per chunk: 2 GEMMs (3 with dW), the label
+    scan and the CE kernel (+ a column sum and an add with a trained bias)."""
     rows, _ = h.shape
     vocab = w.shape[0]
-    chunk = _flce_chunk_rows(rows, vocab, h.element_size())
+    chunk = _flce_chunk_rows(rows, vocab, h.shape[1], h.element_size(), need_dw, h.device)
     any_grad = need_dh or need_dw or need_db
     buf = torch.empty(chunk, vocab, dtype=h.dtype, device=h.device)
     dh = torch.empty_like(h) if need_dh else None
     dw = (torch.empty_like(w) if rows else torch.zeros_like(w)) if need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=h.device) if need_db else None
+    order = torch.empty(max(rows, 1), dtype=torch.int32, device=h.device)
+    info = torch.empty(triton.cdiv(rows, chunk), 4, dtype=torch.int32, device=h.device)
     wt = w.t()
-    for start in range(0, rows, chunk):
+    for i, start in enumerate(range(0, rows, chunk)):
         stop = min(rows, start + chunk)
         hc = h[start:stop]
         logits = buf[: stop - start]
@@ -1147,7 +1232,7 @@ def _flce_pass(
         _launch_ce(
             logits,
             yc,
-            _scan_labels(yc, vocab, opts.ignore_index),
+            _scan_labels(yc, vocab, opts.ignore_index, out=(order[start:stop], info[i])),
             opts,
             loss_rows[start:stop],
             stats[start:stop],

@@ -463,12 +463,99 @@ def test_flce_reference_equals_cross_entropy_on_logits():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_flce_chunk_rows_follow_the_budget():
-    # 384 MiB of bf16 logits at V = 128256 is 1569 rows, rounded down to whole 128-row tiles
-    assert ce._flce_chunk_rows(8192, 128256, 2) == 1536
-    assert ce._flce_chunk_rows(8192, 256000, 2) == 768
-    assert ce._flce_chunk_rows(100, 128256, 2) == 100
-    assert ce._flce_chunk_rows(8192, 10**9, 4) == 1
+def test_flce_chunk_rows_rule():
+    bench = dict(rows=8192, vocab=128256, hidden=4096, elt=2, sms=132)
+    for dw in (False, True):
+        # d hidden fills 1.94 waves of 128 x 256 tiles at 2048 rows (501 MiB of bf16 logits)
+        assert ce._flce_best_chunk(**bench, dw=dw, budget=504 * 2**20) == 2048
+        # and 0.97 waves at 1024 rows, preferred to 1280 or 1536 (2 waves, 39% / 27% idle)
+        assert ce._flce_best_chunk(**bench, dw=dw, budget=384 * 2**20) == 1024
+    cost = {c: ce._flce_cost(8192, c, 128256, 4096, 2, False, 132) for c in (1024, 1536, 2048)}
+    assert cost[2048] < cost[1024] < cost[1536]
+    # every choice is a multiple of 256 rows within the budget, or all rows when they fit
+    for rows, vocab, hidden in [(8192, 152064, 5120), (8192, 256000, 4096), (5000, 32000, 2048),
+                                (300, 128256, 4096), (8192, 10**6, 4096)]:  # fmt: skip
+        for budget in (384 * 2**20, 504 * 2**20):
+            c = ce._flce_best_chunk(rows, vocab, hidden, 2, False, 132, budget)
+            assert c * vocab * 2 <= budget or c == 1
+            assert c % 256 == 0 or c == rows or c < 256
+    assert ce._flce_best_chunk(300, 128256, 4096, 2, False, 132, 504 * 2**20) == 300
+    assert ce._flce_best_chunk(8192, 10**9, 4096, 4, False, 132, 504 * 2**20) == 1
+    # the private override wins over the rule (the benchmark sweeps it)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ce, "_FLCE_CHUNK_ROWS", 1280)
+        assert ce._flce_chunk_rows(8192, 128256, 4096, 2, False, torch.device("cpu")) == 1280
+        assert ce._flce_chunk_rows(1000, 128256, 4096, 2, False, torch.device("cpu")) == 1000
+    assert ce._flce_chunk_rows(8192, 128256, 4096, 2, False, torch.device("cpu")) == 2048
+
+
+# (train_w, bias, reduction, num_items): the frozen head, a trained head and bias normalized by
+# num_items, and reduction "none" (forward loss only, backward recomputes the chunks)
+CHUNK_CASES = [(False, False, "mean", None), (True, True, "sum", 7), (True, False, "none", None)]
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES)
+def test_flce_results_do_not_depend_on_the_chunk_size(monkeypatch, case):
+    train_w, bias, reduction, num_items = case
+    h, w, b, y = make_linear_case(12, 8, 130, torch.float32, 21, bias=bias)
+    y[:] = torch.tensor([5, IGNORE, 129, 0, IGNORE, IGNORE, IGNORE, IGNORE, 64, 7, IGNORE, 100])
+    opts = dict(reduction=reduction, num_items=num_items)
+    g = torch.Generator().manual_seed(3)
+    shape = (12,) if reduction == "none" else ()
+    go = (torch.rand(shape, generator=g, dtype=torch.float64) + 0.5).to(DEV)
+    f64 = [t.double() if t is not None else None for t in (h, w, b)]
+    ref_loss, ref_g = flce_grads(linear_oracle, *f64, y, go, train_w, **opts)
+    t_loss, t_g = flce_grads(linear_oracle, h, w, b, y, go, train_w, **opts)
+    results = {}
+    # 1 and 4 divide the 12 rows (4: the second chunk is all ignore_index), 5 leaves a 2-row
+    # chunk, 64 is one chunk larger than the rows
+    for chunk in (1, 4, 5, 64):
+        monkeypatch.setattr(ce, "_FLCE_CHUNK_ROWS", chunk)
+        with qkern.backend("triton"):
+            loss, grads = flce_grads(qkern_flce, h, w, b, y, go, train_w, **opts)
+        assert_close_rule(loss, ref_loss, t_loss, atol=1e-5, rtol=1e-5, name=f"loss {chunk}")
+        for name, o, r, t in zip(("dh", "dw", "db"), grads, ref_g, t_g, strict=True):
+            assert (o is None) == (r is None), name
+            if r is not None:
+                assert_close_rule(o, r, t, atol=1e-5, rtol=1e-5, name=f"{name} {chunk}")
+        results[chunk] = (loss, grads)
+    # beyond the oracle: chunkings agree with each other up to the order of the dW/db sums
+    base_loss, base_g = results[64]
+    for loss, grads in results.values():
+        torch.testing.assert_close(loss, base_loss, rtol=1e-6, atol=1e-7)
+        for o, r in zip(grads, base_g, strict=True):
+            if r is not None:
+                torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
+
+
+def test_flce_chunk_loop_allocates_and_copies_nothing_per_chunk(monkeypatch):
+    """Torch-level calls that allocate, copy or cast do not grow with the number of chunks; each
+    chunk adds exactly its two products (logits, d hidden) on a frozen head."""
+    from torch.overrides import TorchFunctionMode
+
+    watched = {"empty", "empty_like", "zeros", "zeros_like", "full", "contiguous", "clone",
+               "copy_", "to", "float", "fill_", "zero_", "cat", "stack", "mm", "addmm"}  # fmt: skip
+    h, w, _, y = make_linear_case(12, 8, 64, torch.float32, 22, bias=False)
+
+    def calls(chunk):
+        monkeypatch.setattr(ce, "_FLCE_CHUNK_ROWS", chunk)
+        seen = {}
+
+        class Record(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", "")
+                if name in watched:
+                    seen[name] = seen.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        hh = h.clone().requires_grad_(True)
+        with qkern.backend("triton"), Record():
+            fused_linear_cross_entropy(hh, w, y).backward()
+        return seen
+
+    few, many = calls(6), calls(2)  # 2 and 6 chunks
+    assert few.pop("mm") == 2 * 2 and many.pop("mm") == 6 * 2
+    assert few == many
 
 
 # ------------------------------------------------------------------------------------------------
@@ -564,8 +651,10 @@ def test_gpu_bf16_cross_entropy_big_t_by_v_inplace():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("train_w", [True, False])
-def test_gpu_bf16_flce_matches_matmul_plus_ce(monkeypatch, train_w):
-    monkeypatch.setattr(ce, "_FLCE_CHUNK_BYTES", 512 * 32003 * 2)  # 4 chunks of 512 rows
+@pytest.mark.parametrize("chunk", [512, 768, None])
+def test_gpu_bf16_flce_matches_matmul_plus_ce(monkeypatch, train_w, chunk):
+    # 4 chunks of 512 rows; 768, 768 and a 512-row tail; the rule's own choice
+    monkeypatch.setattr(ce, "_FLCE_CHUNK_ROWS", chunk)
     h, w, b, y = make_linear_case(2048, 512, 32003, torch.bfloat16, 13, bias=False)
     go = torch.tensor(1.0, dtype=torch.float64, device=DEV)
     f32 = [h.float(), w.float(), None]
