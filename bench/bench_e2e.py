@@ -307,7 +307,6 @@ def _graph_train_steps(
     (no ``.item()``, no host-read sizes): checkpointing runs without RNG-state stashing (dropout
     is 0 here), and cross-entropy skips its host-side label check while a capture is running.
     """
-    opt = make_optimizer(params, case.optim, capturable=True)
     model.checkpoint_fn = functools.partial(
         torch.utils.checkpoint.checkpoint, use_reentrant=False, preserve_rng_state=False
     )
@@ -315,6 +314,23 @@ def _graph_train_steps(
     g = torch.Generator(device="cuda").manual_seed(1234)
     ids = torch.randint(0, vocab, (case.batch, seq), device="cuda", generator=g)
     labels = shifted_labels(ids)
+    # the same steps eagerly from the same adapter weights, as the check that the replayed graph
+    # trains exactly as the eager code does (losses compared below)
+    start = [p.detach().clone() for p in params]
+    opt = make_optimizer(params, case.optim, capturable=True)
+    eager_losses = []
+    for _ in range(warmup + 1 + steps):
+        opt.zero_grad(set_to_none=True)
+        loss = model.loss(ids, labels)
+        loss.backward()
+        opt.step()
+        eager_losses.append(loss.detach().clone())
+    eager_losses = [float(x) for x in eager_losses]
+    with torch.no_grad():
+        for p, p0 in zip(params, start):
+            p.copy_(p0)
+    del opt, start
+    opt = make_optimizer(params, case.optim, capturable=True)
     _free()
     torch.cuda.reset_peak_memory_stats()
     losses = []
@@ -351,6 +367,7 @@ def _graph_train_steps(
         del opt, graph
         set_checkpointing(model, case.ckpt)
     step_s = statistics.median(times)
+    losses = [float(x) for x in losses]
     return dict(
         step_s=step_s,
         times=times,
@@ -359,7 +376,10 @@ def _graph_train_steps(
         peak_reserved=reserved,
         peak_alloc_warm=alloc,
         peak_reserved_warm=reserved,
-        losses=[float(x) for x in losses],
+        losses=losses,
+        graph_vs_eager_max_rel_loss_diff=max(
+            abs(a - b) / abs(b) for a, b in zip(losses, eager_losses)
+        ),
     )
 
 
@@ -474,6 +494,8 @@ def _row(case: Case, seq: int, r: dict, provider: str = "qkern") -> Row:
         loss_step0=round(r["losses"][0], 4),
         loss_last=round(r["losses"][-1], 4),
     )
+    if "graph_vs_eager_max_rel_loss_diff" in r:
+        extra["graph_vs_eager_max_rel_loss_diff"] = r["graph_vs_eager_max_rel_loss_diff"]
     card = _card_key()
     base = f"{case.shape}-b{case.batch}-s{seq}"
     if card and base in ANCHORS[card]:

@@ -486,7 +486,9 @@ def test_flce_chunk_rows_rule():
         mp.setattr(ce, "_FLCE_CHUNK_ROWS", 1280)
         assert ce._flce_chunk_rows(8192, 128256, 4096, 2, False, torch.device("cpu")) == 1280
         assert ce._flce_chunk_rows(1000, 128256, 4096, 2, False, torch.device("cpu")) == 1000
-    assert ce._flce_chunk_rows(8192, 128256, 4096, 2, False, torch.device("cpu")) == 2048
+    # the default budget (256 MiB) holds 1024 rows of a 128256-wide bf16 vocabulary
+    assert ce._flce_chunk_rows(8192, 128256, 4096, 2, False, torch.device("cpu")) == 1024
+    assert 1024 * 128256 * 2 <= ce._FLCE_CHUNK_BYTES < 1280 * 128256 * 2
 
 
 # (train_w, bias, reduction, num_items): the frozen head, a trained head and bias normalized by
