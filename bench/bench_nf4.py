@@ -1,13 +1,14 @@
 """NF4 dequantize / quantize: qkern vs bitsandbytes on the same card, same process.
 
 Cases (bf16 weights, blocksize 64, NF4): dequantize with double quantization at 4096x4096,
-14336x4096, 8192x8192, 128256x4096; without double quantization at 4096x4096; quantize (with
-double quantization) at 4096x4096.
+14336x4096, 8192x8192, 128256x4096; without double quantization at 4096x4096; quantize with
+and without double quantization at 4096x4096.
 
 Fewest bytes (read once + write once):
   dequant, dq on : n/2 packed + n/64 absmax codes + 4 * ceil(n/64/256) nested + 2n output
   dequant, dq off: n/2 packed + 4 * n/64 absmax + 2n output
-  quantize       : 2n input + n/2 packed + n/64 codes + 4 * ceil(n/64/256) nested
+  quantize, dq on : 2n input + n/2 packed + n/64 codes + 4 * ceil(n/64/256) nested
+  quantize, dq off: 2n input + n/2 packed + 4 * n/64 absmax
 
 Floors (the FLOP floor — one multiply per element, 0.02-0.5 us at ~700 TFLOP/s — never binds,
 so the byte floor is the floor). H100: copy ~3000 GB/s; H200: 4273 GB/s measured (copy, read +
@@ -20,17 +21,25 @@ write) in the run of 2026-11-28:
   128256x4096 dq      1,321,678,080 B     440.6 us     309.3 us      0.75 us
   4096x4096   no dq      42,991,616 B      14.3 us      10.1 us      0.02 us
   quantize 4096x4096 dq  42,209,280 B      14.1 us       9.9 us      (+ torch's mean, 2 launches)
+  quantize 4096x4096 -   42,991,616 B      14.3 us      10.1 us      (1 launch)
 
-Host time: the "nf4_host" rows time 2000 back-to-back calls on a 256x256 weight, whose kernels
+Host time: the "nf4_host" rows time back-to-back calls on a 256x256 weight, whose kernels
 take ~2-3 us on the GPU, so the wall time per call is the host's time to issue one call
 (validation + launch); qkern's dequantize_4bit should stay well below the GPU time of a
-4096x4096 dequantization (~11 us), or it would be what the 4096x4096 row measures.
+4096x4096 dequantization (~11 us), or it would be what the 4096x4096 row measures, and
+quantize_4bit below its ~15-20 us of kernels.
+
+Quantize is reported three ways, because its do_bench time can be the host's: "qkern" /
+"bitsandbytes" rows are do_bench (L2 flushed before each call); "qkern-kernels" /
+"bnb-kernels" rows are the GPU time alone, the summed durations of the kernels and memsets one
+call launches (profiler, 20 calls; launch gaps excluded), also in the extra "kernel_us"; and
+"wall_us" is the time per call of back-to-back calls without the L2 flush, i.e. the larger of
+host and GPU time per call. When do_bench or wall_us sit well above the kernel time, the host
+is the bound.
 
 Extras: "kernels"/"copies" are the CUDA kernels and memory copies one call puts on the GPU
 (profiler), "syncs" the synchronizing calls it makes (CUDA sync debug mode), for qkern and, with
-a bnb_ prefix, for bitsandbytes; "wall_us" (quantize) is the time per call of 200 back-to-back
-calls without the L2 flush, i.e. the larger of host and GPU time per call; "tile" the dequantize
-tile configuration chosen for the shape.
+a bnb_ prefix, for bitsandbytes; "tile" the dequantize tile configuration chosen for the shape.
 
 Targets (issue 2): >= 80% of copy bandwidth everywhere (4096x4096 <= ~18 us, >= 1.6x bnb),
 >= 90% at 128256x4096; quantize >= 10x faster than bitsandbytes.
@@ -43,7 +52,7 @@ import time
 
 import torch
 
-from bench.common import Ceilings, Row, bench_ms
+from bench.common import Ceilings, Row, bench_ms, kernel_ms
 
 SHAPES = [(4096, 4096), (14336, 4096), (8192, 8192), (128256, 4096)]
 BLOCKSIZE = 64
@@ -178,40 +187,52 @@ def run(ceilings: Ceilings | None = None) -> list[Row]:
         del w, packed, state, out
         torch.cuda.empty_cache()
 
-    # quantize 4096x4096 with double quant
+    # quantize 4096x4096, with and without double quant
     n = 4096 * 4096
     w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
     nb = n // BLOCKSIZE
-    qbytes = 2 * n + n / 2 + nb + 4 * math.ceil(nb / 256)
-    ms = bench_ms(lambda: qkern.quantize_4bit(w, BLOCKSIZE, "nf4", True))
-    # back-to-back calls without the cache flush: the larger of host and GPU time per call
-    extra = {"wall_us": round(1e3 * _wall_per_call_ms(lambda: qkern.quantize_4bit(w), 200), 1)}
-    extra.update(_gpu_ops(lambda: qkern.quantize_4bit(w, BLOCKSIZE, "nf4", True)))
-    packed, state = qkern.quantize_4bit(w, BLOCKSIZE, "nf4", True)
-    pr, sr = nf4.quantize_4bit_ref(w, BLOCKSIZE, "nf4", True)
-    # the reference uses the IEEE reciprocal, the kernel bitsandbytes' hardware one: count the
-    # (near-threshold) indices where they differ
-    extra["bytes_differing_vs_ref"] = int((packed != pr).sum())
-    if F is not None:
-        ms_b = bench_ms(
-            lambda: F.quantize_4bit(
-                w, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4"
+    for dq in (True, False):
+        case = f"4096x4096 dq={dq} bf16"
+        scales = nb + 4 * math.ceil(nb / 256) if dq else 4 * nb
+        qbytes = 2 * n + n / 2 + scales
+        ours = lambda d=dq: qkern.quantize_4bit(w, BLOCKSIZE, "nf4", d)  # noqa: E731
+        ms = bench_ms(ours)
+        # back-to-back calls without the cache flush: the larger of host and GPU time per call
+        extra = {"wall_us": round(1e3 * _wall_per_call_ms(ours, 200), 1)}
+        # GPU time alone: the summed durations of the kernels (and memsets) one call launches
+        k_ms = kernel_ms(ours, 20)
+        extra["kernel_us"] = round(1e3 * k_ms, 1)
+        extra.update(_gpu_ops(ours))
+        packed, state = ours()
+        pr, sr = nf4.quantize_4bit_ref(w, BLOCKSIZE, "nf4", dq)
+        # the reference uses the IEEE reciprocal, the kernel bitsandbytes' hardware one: count
+        # the (near-threshold) indices where they differ
+        extra["bytes_differing_vs_ref"] = int((packed != pr).sum())
+        if F is not None:
+            theirs = lambda d=dq: F.quantize_4bit(  # noqa: E731
+                w, blocksize=BLOCKSIZE, compress_statistics=d, quant_type="nf4"
             )
-        )
-        pb, sb = F.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
-        extra["speedup_vs_bnb"] = ms_b / ms
-        extra["bytes_differing_vs_bnb"] = int((packed != pb).sum())
-        extra["codes_differing_vs_bnb"] = int((state.absmax != sb.absmax).sum())
-        extra["nested_differing_vs_bnb"] = int((state.nested_absmax != sb.state2.absmax).sum())
-        extra["offset_equal_bnb"] = state.offset == sb.offset.item()
-        bnb_ops = _gpu_ops(
-            lambda: F.quantize_4bit(
-                w, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4"
-            )
-        )
-        extra.update({f"bnb_{k}": v for k, v in bnb_ops.items()})
-        rows.append(Row("nf4_quantize", "4096x4096 dq=True bf16", "bitsandbytes", ms_b, qbytes))
-    rows.append(Row("nf4_quantize", "4096x4096 dq=True bf16", "qkern", ms, qbytes, extra=extra))
+            ms_b = bench_ms(theirs)
+            kb_ms = kernel_ms(theirs, 20)
+            pb, sb = theirs()
+            extra["speedup_vs_bnb"] = ms_b / ms
+            extra["kernel_speedup_vs_bnb"] = kb_ms / k_ms
+            extra["bytes_differing_vs_bnb"] = int((packed != pb).sum())
+            if dq:
+                extra["codes_differing_vs_bnb"] = int((state.absmax != sb.absmax).sum())
+                extra["nested_differing_vs_bnb"] = int(
+                    (state.nested_absmax != sb.state2.absmax).sum()
+                )
+                extra["offset_equal_bnb"] = state.offset == sb.offset.item()
+            else:
+                extra["absmax_differing_vs_bnb"] = int((state.absmax != sb.absmax).sum())
+            bnb_extra = {f"bnb_{k}": v for k, v in _gpu_ops(theirs).items()}
+            bnb_extra["wall_us"] = round(1e3 * _wall_per_call_ms(theirs, 50), 1)
+            rows.append(Row("nf4_quantize", case, "bitsandbytes", ms_b, qbytes, extra=bnb_extra))
+            rows.append(Row("nf4_quantize", case, "bnb-kernels", kb_ms, qbytes))
+        rows.append(Row("nf4_quantize", case, "qkern", ms, qbytes, extra=extra))
+        rows.append(Row("nf4_quantize", case, "qkern-kernels", k_ms, qbytes))
+        del packed, state, pr, sr
 
     # host time per dequantize call (tiny weight: the GPU waits for the host)
     w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
@@ -226,15 +247,33 @@ def run(ceilings: Ceilings | None = None) -> list[Row]:
             lambda: F.dequantize_4bit(pb, sb, out=out, blocksize=BLOCKSIZE, quant_type="nf4")
         )
         rows.append(Row("nf4_host", case, "bitsandbytes", ms_b))
-    case = "quantize 256x256 dq=True (wall/call)"
-    rows.append(
-        Row(
-            "nf4_host",
-            case,
-            "qkern",
-            _wall_per_call_ms(lambda: qkern.quantize_4bit(w, BLOCKSIZE, "nf4", True), 500),
+    for dq in (True, False):
+        case = f"quantize 256x256 dq={dq} (wall/call)"
+        ours = lambda d=dq: qkern.quantize_4bit(w, BLOCKSIZE, "nf4", d)  # noqa: E731
+        rows.append(Row("nf4_host", case, "qkern", _wall_per_call_ms(ours, 2000)))
+        if F is not None:
+            theirs = lambda d=dq: F.quantize_4bit(  # noqa: E731
+                w, blocksize=BLOCKSIZE, compress_statistics=d, quant_type="nf4"
+            )
+            rows.append(Row("nf4_host", case, "bitsandbytes", _wall_per_call_ms(theirs, 500)))
+    # the torch operations a quantize call (double quant) cannot avoid, timed alone: its
+    # allocations and torch's mean of the block absmax (bitsandbytes' offset), for 4096x4096
+    # (262,144 blocks) and 256x256 (1,024 blocks)
+    for nb in (4096 * 4096 // BLOCKSIZE, 256 * 256 // BLOCKSIZE):
+        a = torch.rand(nb, device="cuda")
+        rows.append(
+            Row(
+                "nf4_host",
+                f"mean of {nb} fp32 (wall/call)",
+                "torch",
+                _wall_per_call_ms(a.mean),
+            )
         )
-    )
+    shapes = (((4096 * 4096 // 2, 1), torch.uint8), ((4096 * 4096 // 64,), torch.float32))
+    for shape, dt in shapes:
+        alloc = lambda s=shape, d=dt: torch.empty(s, dtype=d, device="cuda")  # noqa: E731
+        case = f"empty {list(shape)} {str(dt)[6:]} (wall/call)"
+        rows.append(Row("nf4_host", case, "torch", _wall_per_call_ms(alloc)))
     return rows
 
 

@@ -30,14 +30,17 @@ What runs where:
   :func:`dequantize_4bit` validates a state fully once and caches its launch arguments on it,
   later calls check only the packed tensor and the output with integer and identity compares;
   tile sizes come from a table (no autotuner dispatch), and repeated launches go straight to the
-  compiled kernel Triton returned the first time (see ``_launch``). Quantization with double
-  quantization is three GPU operations (two Triton kernels and torch's mean) and no host sync:
-  the offset is read back on the state's first use (see :class:`QuantState`); without double
-  quantization, two GPU operations and one host sync at the end.
+  compiled kernel Triton returned the first time (see ``_launch``). :func:`quantize_4bit` keeps
+  a plan per input shape / dtype / device and arguments (checks, grids, tables, compiled
+  kernels; never anything of the data), so a repeated shape costs its output allocations, the
+  launches (integer pointers, no Triton dispatch) and, with double quantization, torch's mean:
+  three GPU operations with double quantization, one without, and no host sync either way. The
+  one read-back (the offset, or without double quantization the finite check) happens on the
+  state's first use (see :class:`QuantState`).
 
 Limits: input dtypes float32 / float16 / bfloat16, output dtypes the same three; at least one
-element; finite values only (NaN / Inf raise ``ValueError``: in ``quantize_4bit``, or, for the
-Triton path with double quantization, on the first use of the returned state). A block whose
+element; finite values only (NaN / Inf raise ``ValueError``: in ``quantize_4bit`` on the
+reference path, on the first use of the returned state on the Triton path). A block whose
 ``1 / absmax`` is infinite (all zero, or absmax below ~2^-128; on the GPU any subnormal absmax,
 as the hardware reciprocal flushes it) encodes every element as index 0. bitsandbytes' CUDA
 build flushes float32 subnormals to zero; this module does not, so blocks whose absmax is below
@@ -281,12 +284,14 @@ class QuantState:
     assign its fields (or use ``dataclasses.replace``); :func:`dequantize_4bit` caches launch
     arguments on the state and revalidates when a field has been reassigned.
 
-    A double-quantized state made by the Triton quantizer is returned before the GPU has
-    finished: its offset is still a float32 scalar on the device. Reading ``offset`` (which
-    every use of the state does: dequantization, the QLoRA kernels, serialization, ``to``,
-    ``replace``, equality, pickling) copies it to the host once; that is also when NaN/Inf in
-    the quantized weight raise ``ValueError`` (the kernels mark such blocks so that the mean
-    comes back NaN). Assigning ``offset`` replaces a pending value.
+    A state made by the Triton quantizer is returned before the GPU has finished: with double
+    quantization its offset is still a float32 scalar on the device; without, its absmax has
+    not been checked for NaN yet. Reading ``offset`` (which every use of the state does:
+    dequantization, the QLoRA kernels, serialization, ``to``, ``replace``, equality, pickling,
+    :meth:`dequantized_absmax`) copies the offset (or the largest absmax) to the host once;
+    that is also when NaN/Inf in the quantized weight raise ``ValueError`` (the kernel stores
+    NaN as the absmax of such a block, so the mean or max comes back NaN). Assigning ``offset``
+    replaces a pending value (without double quantization: assign None to skip the check).
     """
 
     absmax: torch.Tensor
@@ -350,9 +355,10 @@ class QuantState:
     def dequantized_absmax(self) -> torch.Tensor:
         """float32 ``[n_blocks]`` block scales, double quantization undone as bitsandbytes does:
         ``fp32(nested_code[q] * nested_absmax[b // 256])``, then ``+ offset`` as a second add."""
+        offset = self.offset  # settles a pending check (see _resolve_offset)
         if not self.double_quant:
             return self.absmax
-        assert self.nested_code is not None and self.offset is not None
+        assert self.nested_code is not None and offset is not None
         q = self.absmax.long()
         scale = self.nested_absmax.repeat_interleave(self.nested_blocksize)[: q.numel()]
         prod = self.nested_code[q] * scale  # one float32 rounding
@@ -372,6 +378,7 @@ class QuantState:
         weight itself belongs under ``prefix``; pass it as ``packed`` to include it.
         """
         prefix = _clean_prefix(prefix)
+        self.offset  # noqa: B018 (settles a pending check, see _resolve_offset)
         out: dict[str, torch.Tensor] = {}
         if packed is not None:
             out[prefix] = packed
@@ -524,23 +531,27 @@ def _set_offset(self: QuantState, value: float | None) -> None:
 
 
 def _resolve_offset(state: QuantState) -> None:
-    """Copy a pending offset (a float32 device scalar left by the Triton quantizer) to the host.
+    """Settle a pending value left by the Triton quantizer: its one host sync, deferred to the
+    state's first use.
 
-    This is the quantizer's one host sync, deferred to the state's first use. The first kernel
-    stores NaN as the absmax of a block holding NaN/Inf, so the mean is NaN exactly when the
-    weight was not finite, and +inf only when the sum of finite absmax values overflows. On an
-    error the offset stays pending, so every later use raises again.
+    With double quantization the pending value is the offset, a float32 device scalar, copied
+    to the host. Without, it is the float32 absmax vector itself, whose max is read back: the
+    state's offset stays None, only the finite check happens here. The first kernel stores NaN
+    as the absmax of a block holding NaN/Inf, so the mean (or max) is NaN exactly when the
+    weight was not finite; the mean is +inf only when the sum of finite absmax values
+    overflows. On an error the value stays pending, so every later use raises again.
     """
-    value = state.__dict__["_pending_offset"].item()
+    pending = state.__dict__["_pending_offset"]
+    value = pending.max().item() if pending.dim() else pending.item()
     if math.isnan(value):
         raise ValueError(
             "w contains NaN or Inf; 4-bit quantization needs finite values (found when the "
-            "double-quantized state returned by quantize_4bit was first used)"
+            "state returned by quantize_4bit was first used)"
         )
     if math.isinf(value):
         raise ValueError("mean of the block absmax overflows float32; w is too large to quantize")
     del state.__dict__["_pending_offset"]
-    state.__dict__["_offset"] = value
+    state.__dict__["_offset"] = None if pending.dim() else value
 
 
 # ``offset`` is a dataclass field read and written through this property (installed after the
@@ -1281,8 +1292,9 @@ def _dequantize_tile(
 # forward and once per backward, and a 4096x4096 dequantization runs ~10 us on the GPU. So:
 # compile-time arguments come from a small table (no autotuner or heuristics wrappers: each adds
 # a dispatch layer that rebuilds argument dicts on every call); dequantize_4bit validates a state
-# once and caches its launch arguments on it; the hot paths call no torch op except the
-# allocations they return; and repeated launches skip Triton's per-call dispatch (_launch).
+# once and caches its launch arguments on it (quantize_4bit: once per input shape, _QuantPlan);
+# the hot paths call no torch op except the allocations they return (and quantize's mean); and
+# repeated launches skip Triton's per-call dispatch (_launch).
 
 # The interpreter is chosen before triton is imported (the kernels above are interpreter or JIT
 # functions since then), so reading the switch once is exact.
@@ -1319,16 +1331,22 @@ def _launch(kernel, grid: tuple, args: tuple, meta: dict, compiled: dict, key: t
             except Exception:
                 _DIRECT["on"] = False
     ck = kernel[grid](*args, **meta)
-    # keep it only when it is a compiled kernel and the JIT function has no pre-run hooks
-    # (which a direct launch would skip)
-    if (
-        _DIRECT["on"]
-        and hasattr(ck, "packed_metadata")
-        and getattr(kernel, "pre_run_hooks", 1) == []
-    ):
-        names = kernel.arg_names[len(args) :]
-        if all(name in meta for name in names):
-            compiled[(dev, key)] = (ck, tuple(meta[name] for name in names))
+    if _DIRECT["on"]:
+        entry = _direct_entry(kernel, ck, len(args), meta)
+        if entry is not None:
+            compiled[(dev, key)] = entry
+
+
+def _direct_entry(kernel, ck, n_runtime: int, meta: dict) -> tuple | None:
+    """``(compiled kernel, its compile-time argument values in signature order)`` for direct
+    launches, or None when ``ck`` is not a compiled kernel or the JIT function has pre-run hooks
+    (which a direct launch would skip)."""
+    if not hasattr(ck, "packed_metadata") or getattr(kernel, "pre_run_hooks", 1) != []:
+        return None
+    names = kernel.arg_names[n_runtime:]
+    if not all(name in meta for name in names):
+        return None
+    return ck, tuple(meta[name] for name in names)
 
 
 def _spec_key(args: tuple) -> tuple:
@@ -1343,7 +1361,7 @@ def _spec_key(args: tuple) -> tuple:
     )
 
 
-_QUANT_COMPILED: dict = {}
+_mode = _backend.get_backend
 
 # Quantize tile: 4096 inputs per program (ROWS = 4096 / blocksize blocks, at least one block) and
 # 4 warps, i.e. 32 inputs per thread: one 64-byte (bf16) or two (float32) contiguous loads and
@@ -1603,6 +1621,195 @@ def _dequantize_4bit_triton(
     return _dequantize_launch(_plan_for(packed, state), packed, state, out, dtype, config)
 
 
+# ---- quantize: host path --------------------------------------------------------------------
+#
+# Loading a model quantizes thousands of weights, every one a new tensor, so nothing may be
+# cached on the data; but the weights share a handful of shapes. Everything that depends only on
+# (shape, dtype, device, blocksize, quant_type, double quant, backend mode) is worked out once
+# per such key into a _QuantPlan: the validation, grids and compile-time arguments, the
+# per-device tables and their addresses, the state's constant fields and the compiled kernels.
+# A call then costs: one dict lookup, the input's contiguity and address, its allocations (the
+# packed weight and the float32 absmax; with double quant also the 8-bit codes and the nested
+# scales: separate allocations, as each is a standalone tensor of the state and the float32
+# absmax must not outlive the call), the launches of the compiled kernels, torch's mean (double
+# quant), and a QuantState whose __dict__ is filled from the plan's template instead of running
+# the generated __init__. No host sync, with or without double quant: the one read-back happens
+# at the state's first use (QuantState.offset).
+#
+# Direct launches pass integer addresses: Triton's launcher takes an int pointer argument as it
+# is, while for a tensor it calls data_ptr() and asks the driver to check the address
+# (cuPointerGetAttribute), per pointer argument and launch (Triton 3.6 and 3.9 alike). The
+# compiled kernels are kept per (current device, input 16-byte aligned, input read as words);
+# every other argument's specialization is fixed by the plan (n, the tables) or by the
+# allocator (outputs are 512-byte aligned; checked per call all the same, a cheap OR of the
+# addresses, falling back to the JIT launch).
+
+
+class _QuantPlan:
+    """What quantize_4bit needs for one (shape, dtype, device, blocksize, quant_type, double
+    quant) besides the data; ``direct`` holds the compiled kernels (see the comment above)."""
+
+    __slots__ = (
+        "n",
+        "n_blocks",
+        "n_nested",
+        "dq",
+        "device",
+        "packed_shape",
+        "even",
+        "pair",
+        "grid1",
+        "meta_words",
+        "meta_pairs",
+        "grid2",
+        "meta2",
+        "lookup",
+        "lookup_ptr",
+        "dmap",
+        "dmap_ptr",
+        "fields",
+        "direct",
+    )
+
+    def __init__(
+        self, w: torch.Tensor, blocksize: int, quant_type: str, dq: bool, rcp: int | None
+    ) -> None:
+        if rcp is None:
+            rcp = RCP_IEEE if _INTERPRET else GPU_RCP_MODE
+        n = w.numel()
+        dev = w.device
+        self.n = n
+        self.n_blocks = -(-n // blocksize)
+        self.n_nested = -(-self.n_blocks // NESTED_BLOCKSIZE)
+        self.dq = dq
+        self.device = dev
+        self.packed_shape = ((n + 1) // 2, 1)
+        self.even = n % 2 == 0
+        self.pair = 2 * w.element_size()
+        rows = max(1, _QUANT_ELEMS // blocksize)
+        self.grid1 = (-(-self.n_blocks // rows), 1, 1)
+        meta = {
+            "BLOCKSIZE": blocksize,
+            "NF4": quant_type == "nf4",
+            "RCP": rcp,
+            "EXACT_MUL": not _INTERPRET,
+            # read pairs of inputs as one word: even n and an input aligned to a pair
+            "IN_WORDS": True,
+            "ROWS": rows,
+            "FULL": n % blocksize == 0,
+            "num_warps": 4,
+        }
+        self.meta_words = meta
+        self.meta_pairs = {**meta, "IN_WORDS": False}
+        rows2 = 4  # 1024 scales per program; the whole vector is 1/16 of the packed bytes
+        self.grid2 = (-(-self.n_blocks // (rows2 * NESTED_BLOCKSIZE)), 1, 1)
+        self.meta2 = {"RCP": rcp, "ROWS": rows2}
+        self.lookup = _table("nf4_lookup", dev)
+        self.lookup_ptr = self.lookup.data_ptr()
+        self.dmap = _table("dynamic", dev)
+        self.dmap_ptr = self.dmap.data_ptr()
+        # the state's fields that do not depend on the data; code tables are the per-device
+        # cached ones (no copy per call)
+        self.fields = {
+            "shape": w.shape,
+            "dtype": w.dtype,
+            "blocksize": blocksize,
+            "quant_type": quant_type,
+            "code": _table(quant_type, dev),
+            "nested_absmax": None,
+            "nested_code": self.dmap if dq else None,
+            "nested_blocksize": NESTED_BLOCKSIZE,
+        }
+        self.direct: dict[tuple, tuple] = {}
+
+
+_QUANT_PLANS: dict[tuple, _QuantPlan] = {}
+_new_object = object.__new__
+
+
+def _quantize_call(plan: _QuantPlan, w: torch.Tensor) -> tuple[torch.Tensor, QuantState]:
+    """One quantization with a plan. Double quantization: two launches and torch's mean; the
+    offset stays on the device and is read back on the state's first use (QuantState.offset),
+    which is also when NaN/Inf raise: the first kernel stores NaN as the absmax of such a block,
+    so the mean is NaN. Without double quantization: one launch; the finite check (the largest
+    absmax, NaN exactly when a block held NaN/Inf) is likewise deferred to the first use.
+
+    Memory: reads n * itemsize, writes n/2 packed bytes + 4 B per block (+ 1 B per block and
+    4 B per 256 blocks for double quant); the absmax re-read by the mean and the nested kernel is
+    1/16 of the packed size at blocksize 64.
+    """
+    x = w if w.is_contiguous() else w.detach().contiguous()
+    dev = plan.device
+    dq = plan.dq
+    packed = torch.empty(plan.packed_shape, dtype=torch.uint8, device=dev)
+    absmax = torch.empty(plan.n_blocks, dtype=torch.float32, device=dev)
+    if dq:
+        codes = torch.empty(plan.n_blocks, dtype=torch.uint8, device=dev)
+        nested = torch.empty(plan.n_nested, dtype=torch.float32, device=dev)
+    px = x.data_ptr()
+    words = plan.even and px % plan.pair == 0
+    key = None
+    launched = False
+    if _DIRECT["on"]:
+        cur = _driver.active.get_current_device()
+        key = (cur, px % 16 == 0, words)
+        entry = plan.direct.get(key)
+        if entry is not None:
+            pp, pa = packed.data_ptr(), absmax.data_ptr()
+            stream = _driver.active.get_current_stream(cur)
+            try:
+                if dq:
+                    pc, pn = codes.data_ptr(), nested.data_ptr()
+                    if (pp | pa | pc | pn) & 15 == 0:
+                        ck, cx = entry[0]
+                        ck[plan.grid1](px, pp, pa, plan.lookup_ptr, plan.n, *cx, stream=stream)
+                        offset = absmax.mean()  # torch's float32 mean, as bitsandbytes computes it
+                        po = offset.data_ptr()
+                        if po & 15 == 0:
+                            ck, cx = entry[1]
+                            ck[plan.grid2](
+                                pa, po, pc, pn, plan.dmap_ptr, plan.n_blocks, *cx, stream=stream
+                            )
+                        else:  # never seen (the allocator aligns to 512 B): the JIT launch
+                            _quantize_absmax_kernel[plan.grid2](
+                                absmax, offset, codes, nested, plan.dmap, plan.n_blocks,
+                                **plan.meta2,
+                            )  # fmt: skip
+                        launched = True
+                elif (pp | pa) & 15 == 0:
+                    ck, cx = entry[0]
+                    ck[plan.grid1](px, pp, pa, plan.lookup_ptr, plan.n, *cx, stream=stream)
+                    launched = True
+            except Exception:
+                _DIRECT["on"] = False
+    if not launched:
+        meta = plan.meta_words if words else plan.meta_pairs
+        ck1 = _quantize_4bit_kernel[plan.grid1](x, packed, absmax, plan.lookup, plan.n, **meta)
+        ck2 = None
+        if dq:
+            offset = absmax.mean()  # torch's float32 mean, as bitsandbytes computes it
+            args2 = (absmax, offset, codes, nested, plan.dmap, plan.n_blocks)
+            ck2 = _quantize_absmax_kernel[plan.grid2](*args2, **plan.meta2)
+        if key is not None and _DIRECT["on"]:
+            outs = [packed, absmax] + ([codes, nested, offset] if dq else [])
+            if all(t.data_ptr() % 16 == 0 for t in outs):
+                e1 = _direct_entry(_quantize_4bit_kernel, ck1, 5, meta)
+                e2 = _direct_entry(_quantize_absmax_kernel, ck2, 6, plan.meta2) if dq else None
+                if e1 is not None and (e2 is not None or not dq):
+                    plan.direct[key] = (e1, e2)
+    state = _new_object(QuantState)
+    d = state.__dict__
+    d.update(plan.fields)
+    if dq:
+        d["absmax"] = codes
+        d["nested_absmax"] = nested
+        d["_pending_offset"] = offset  # read back on first use (_resolve_offset)
+    else:
+        d["absmax"] = absmax
+        d["_pending_offset"] = absmax  # checked for NaN on first use (_resolve_offset)
+    return packed, state
+
+
 def _quantize_4bit_triton(
     w: torch.Tensor,
     blocksize: int,
@@ -1610,61 +1817,14 @@ def _quantize_4bit_triton(
     compress_statistics: bool,
     rcp_mode: int | None = None,
 ) -> tuple[torch.Tensor, QuantState]:
-    """Double quantization: two Triton launches and torch's mean, no host sync. The offset
-    stays on the device and is read back on the state's first use (QuantState.offset), which is
-    also when NaN/Inf raise: the first kernel stores NaN as the absmax of such a block, so the
-    mean is NaN. Without double quantization: one launch, torch's max and one host sync at the
-    end (the largest absmax, NaN exactly when a block held NaN/Inf), as nothing else would read
-    a pending value back.
-
-    Memory: reads n * itemsize, writes n/2 packed bytes + 4 B per block (+ 1 B per block and
-    4 B per 256 blocks for double quant); the absmax re-read by the mean and the nested kernel is
-    1/16 of the packed size at blocksize 64. The code tables in the state are the per-device
-    cached ones (no copy per call).
-    """
-    rcp = (RCP_IEEE if _INTERPRET else GPU_RCP_MODE) if rcp_mode is None else rcp_mode
-    x = w if w.is_contiguous() else w.detach().contiguous()
-    n = x.numel()
-    n_blocks = -(-n // blocksize)
-    dev = x.device
-    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev)
-    absmax = torch.empty(n_blocks, dtype=torch.float32, device=dev)
-    rows = max(1, _QUANT_ELEMS // blocksize)
-    meta = {
-        "BLOCKSIZE": blocksize,
-        "NF4": quant_type == "nf4",
-        "RCP": rcp,
-        "EXACT_MUL": not _INTERPRET,
-        # read pairs of inputs as one word: even n and an input aligned to a pair
-        "IN_WORDS": n % 2 == 0 and x.data_ptr() % (2 * x.element_size()) == 0,
-        "ROWS": rows,
-        "FULL": n % blocksize == 0,
-        "num_warps": 4,
-    }
-    args = (x, packed, absmax, _table("nf4_lookup", dev), n)
-    key = ("quantize", _spec_key(args), *meta.values())
-    _launch(
-        _quantize_4bit_kernel, (triton.cdiv(n_blocks, rows), 1, 1), args, meta, _QUANT_COMPILED, key
-    )
-    code = _table(quant_type, dev)
-    if not compress_statistics:
-        value = absmax.max().item()  # the one host sync, after the launch
-        if not math.isfinite(value):
-            raise _nonfinite_error()
-        state = QuantState(absmax, w.shape, w.dtype, blocksize, quant_type, code)
-        return packed, state
-    offset = absmax.mean()  # torch's float32 mean, as bitsandbytes computes it
-    codes = torch.empty(n_blocks, dtype=torch.uint8, device=dev)
-    nested = torch.empty(-(-n_blocks // NESTED_BLOCKSIZE), dtype=torch.float32, device=dev)
-    dmap = _table("dynamic", dev)
-    rows = 4  # 1024 scales per program; the whole vector is 1/16 of the packed bytes
-    grid = (triton.cdiv(n_blocks, rows * NESTED_BLOCKSIZE), 1, 1)
-    args = (absmax, offset, codes, nested, dmap, n_blocks)
-    key = ("absmax", _spec_key(args), rcp)
-    _launch(_quantize_absmax_kernel, grid, args, {"RCP": rcp, "ROWS": rows}, _QUANT_COMPILED, key)
-    state = QuantState(codes, w.shape, w.dtype, blocksize, quant_type, code, nested, dmap)
-    state.__dict__["_pending_offset"] = offset  # read back on first use (_resolve_offset)
-    return packed, state
+    """The Triton quantization without backend dispatch or input checks (tests: ``rcp_mode``
+    picks the reciprocal, see RCP_IEEE ...)."""
+    dq = bool(compress_statistics)
+    key = (w.shape, w.dtype, w.device, blocksize, quant_type, dq, "rcp", rcp_mode)
+    plan = _QUANT_PLANS.get(key)
+    if plan is None:
+        plan = _QUANT_PLANS[key] = _QuantPlan(w, blocksize, quant_type, dq, rcp_mode)
+    return _quantize_call(plan, w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1681,10 +1841,22 @@ def quantize_4bit(
     ``bitsandbytes.functional.quantize_4bit`` with the same arguments. ``compress_statistics``
     turns on double quantization of the block scales.
     """
+    # Repeated shapes (loading a model) skip the checks: a plan exists only for a key whose
+    # first call passed them and chose the Triton path, and the key holds everything they read.
+    try:
+        key = (w.shape, w.dtype, w.device, blocksize, quant_type, compress_statistics, _mode())
+        plan = _QUANT_PLANS.get(key)
+    except (AttributeError, TypeError):  # not a tensor, or an unhashable argument
+        key = plan = None
+    if plan is not None:
+        return _quantize_call(plan, w)
     _check_weight(w, blocksize, quant_type)
-    if _backend.use_triton(w):
-        return _quantize_4bit_triton(w, blocksize, quant_type, compress_statistics)
-    return quantize_4bit_ref(w, blocksize, quant_type, compress_statistics)
+    if not _backend.use_triton(w):
+        return quantize_4bit_ref(w, blocksize, quant_type, compress_statistics)
+    plan = _QuantPlan(w, blocksize, quant_type, bool(compress_statistics), None)
+    if key is not None:
+        _QUANT_PLANS[key] = plan
+    return _quantize_call(plan, w)
 
 
 def dequantize_4bit(

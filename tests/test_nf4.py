@@ -608,23 +608,24 @@ def test_quantize_bad_inputs():
             for dq in (True, False):
                 with qkern.backend(path), pytest.raises(ValueError, match="NaN or Inf"):
                     _, s = qkern.quantize_4bit(w2.to(DEV), compress_statistics=dq)
-                    # the Triton quantizer with double quant does not wait for the GPU: the
-                    # check comes back with the offset, on the state's first use
-                    assert path == "triton" and dq, "the other paths raise in quantize_4bit"
+                    # the Triton quantizer does not wait for the GPU: the check comes back
+                    # with the offset (or the largest absmax), on the state's first use
+                    assert path == "triton", "the reference raises in quantize_4bit"
                     s.offset  # noqa: B018
 
 
-def test_deferred_nonfinite_error_on_every_use_of_the_state():
-    """Double quant on the Triton path returns before the GPU has finished; a NaN/Inf weight
-    then raises on every use of the state (offset, dequantization, serialization, copies), and
-    keeps raising; assigning an offset replaces the pending one."""
+@pytest.mark.parametrize("dq", [True, False])
+def test_deferred_nonfinite_error_on_every_use_of_the_state(dq):
+    """The Triton path returns before the GPU has finished; a NaN/Inf weight then raises on
+    every use of the state (offset, dequantization, serialization, copies), and keeps raising;
+    assigning an offset replaces the pending value (without double quant: None, no check)."""
     import copy
     from dataclasses import replace
 
     w = torch.randn(4, 64)
     w[3, 7] = float("inf")
     with qkern.backend("triton"):
-        p, s = qkern.quantize_4bit(w.to(DEV))
+        p, s = qkern.quantize_4bit(w.to(DEV), compress_statistics=dq)
         uses = (
             lambda: s.offset,
             lambda: qkern.dequantize_4bit(p, s),
@@ -637,8 +638,9 @@ def test_deferred_nonfinite_error_on_every_use_of_the_state():
         for use in uses + uses:
             with pytest.raises(ValueError, match="NaN or Inf"):
                 use()
-        s.offset = 0.5
-        assert s.offset == 0.5 and qkern.dequantize_4bit(p, s).shape == w.shape
+        value = 0.5 if dq else None
+        s.offset = value
+        assert s.offset == value and qkern.dequantize_4bit(p, s).shape == w.shape
 
 
 def test_pending_offset_reads_back_once_and_pickles():
@@ -658,6 +660,11 @@ def test_pending_offset_reads_back_once_and_pickles():
     revived = nf4.QuantState.__new__(nf4.QuantState)
     revived.__setstate__(old_style)
     assert revived.offset == sr.offset
+    # without double quant the pending value is the finite check: settled to offset None
+    _, s2 = _triton_quantize(w, 64, "nf4", False)
+    assert "_pending_offset" in s2.__dict__
+    again = pickle.loads(pickle.dumps(s2))
+    assert "_pending_offset" not in s2.__dict__ and s2.offset is None and again.offset is None
 
 
 def test_dequantize_bad_inputs():
@@ -825,42 +832,98 @@ def test_hot_paths_run_no_torch_op_but_their_allocations(monkeypatch):
     assert args[0] is p and args[5] is out and args[6] == 7 * 131
     assert grid == (triton_cdiv(7 * 131, meta["ROWS"] * meta["COLS"]), 1, 1)
 
+    # quantize, a shape seen before (the plan exists): its allocations, torch's mean with
+    # double quant, the launches, and nothing else (no views, table copies or host syncs); the
+    # state's first use reads the offset back (or, without double quant, checks the largest
+    # absmax for NaN)
     w = _weight((16, 256), torch.float32, 3).to(DEV)
-    sync = ["_local_scalar_dense.default"]
-    for dq, want in (
-        # double quant: no host sync at all (the offset is read back on first use)
-        (True, ["empty.memory_format"] * 2 + ["mean.default"] + ["empty.memory_format"] * 2),
-        (False, ["empty.memory_format"] * 2 + ["max.default"] + sync),
+    empty, sync = "empty.memory_format", ["_local_scalar_dense.default"]
+    monkeypatch.setattr(nf4, "_QUANT_PLANS", {})
+    for dq, want, first_use in (
+        (True, [empty] * 4 + ["mean.default"], sync),
+        (False, [empty] * 2, ["max.default"] + sync),
     ):
         count = _CountOps()
         q1 = _StubKernel(nf4._quantize_4bit_kernel, count, fill=2)  # the block absmax
         q2 = _StubKernel(nf4._quantize_absmax_kernel, count)
         monkeypatch.setattr(nf4, "_quantize_4bit_kernel", q1)
         monkeypatch.setattr(nf4, "_quantize_absmax_kernel", q2)
-        with count.mode:
-            _, st_ = nf4._quantize_4bit_triton(w, 64, "nf4", dq)
-        assert count.ops == want, count.ops
-        assert (len(q1.calls), len(q2.calls)) == (1, int(dq))
-        assert st_.code is nf4._table("nf4", w.device), "no copy of the code table"
-        if dq:
+        with qkern.backend("triton"):
+            nf4.quantize_4bit(w, 64, "nf4", dq)  # first call of the shape: builds the plan
             with count.mode:
-                assert st_.offset == 1.0  # the stub's absmax: all ones
-                assert st_.offset == 1.0
-            assert count.ops[len(want) :] == sync, "one read-back, on first use only"
+                _, st_ = nf4.quantize_4bit(w, 64, "nf4", dq)
+        assert count.ops == want, count.ops
+        assert (len(q1.calls), len(q2.calls)) == (2, 2 * int(dq))
+        assert st_.code is nf4._table("nf4", w.device), "no copy of the code table"
+        with count.mode:
+            assert st_.offset == (1.0 if dq else None)  # the stub's absmax: all ones
+            assert st_.offset == (1.0 if dq else None)
+        assert count.ops[len(want) :] == first_use, "one read-back, on first use only"
+
+
+def test_quantize_plan_keeps_every_check(monkeypatch):
+    """Once a shape has a plan, calls skip the checks only when they match its whole key: other
+    dtypes, blocksizes, quant types, non-tensors and another backend mode get the full checks
+    or the reference; non-contiguous and misaligned inputs of the same shape quantize alike."""
+    w = _weight((6, 128), torch.float32, 8).to(DEV)
+    with qkern.backend("triton"):
+        p1, s1 = qkern.quantize_4bit(w)
+        p2, s2 = qkern.quantize_4bit(w)
+        assert torch.equal(p1.cpu(), p2.cpu())
+        _assert_same_state(s1, s2)
+        with pytest.raises(TypeError, match="w must have dtype"):
+            qkern.quantize_4bit(w.to(torch.int32))
+        with pytest.raises(TypeError, match="w must be a torch.Tensor"):
+            qkern.quantize_4bit(w.tolist())
+        with pytest.raises(ValueError, match="blocksize must be one of"):
+            qkern.quantize_4bit(w, blocksize=16)
+        with pytest.raises(ValueError, match="quant_type must be 'nf4' or 'fp4'"):
+            qkern.quantize_4bit(w, quant_type=["nf4"])  # unhashable: no plan lookup
+        strided = torch.empty(128, 6, device=DEV).t()
+        strided.copy_(w)
+        base = torch.empty(w.numel() + 1, device=DEV)
+        shifted = base[1:].view(w.shape)  # pairs of inputs no longer word-aligned
+        shifted.copy_(w)
+        for x in (strided, shifted):
+            px, sx = qkern.quantize_4bit(x)
+            assert torch.equal(px.cpu(), p1.cpu())
+            _assert_same_state(sx, s1)
+    calls = []
+    ref = nf4.quantize_4bit_ref
+    monkeypatch.setattr(nf4, "quantize_4bit_ref", lambda *a: calls.append(1) or ref(*a))
+    with qkern.backend("reference"):
+        qkern.quantize_4bit(w)
+    assert calls == [1], "the backend mode is part of the plan's key"
 
 
 def triton_cdiv(a, b):
     return -(-a // b)
 
 
+def _alias(ptr, like):
+    """A tensor over the memory at address ``ptr`` with ``like``'s dtype, size and device: what
+    a pointer passed as an int stands for (the array interfaces do not copy)."""
+    typestr = {torch.float32: "<f4", torch.float16: "<f2", torch.uint8: "|u1", torch.int64: "<i8"}
+    iface = {"shape": (like.numel(),), "typestr": typestr[like.dtype], "data": (ptr, False)}
+    if like.is_cuda:
+        holder = type("Mem", (), {"__cuda_array_interface__": {**iface, "version": 2}})()
+        return torch.as_tensor(holder, device=like.device)
+    import numpy as np
+
+    holder = type("Mem", (), {"__array_interface__": {**iface, "version": 3}})()
+    return torch.from_numpy(np.asarray(holder))
+
+
 class _FakeCompiled:
     """Stands for Triton's compiled kernel: ``ck[grid](*every_parameter, stream=...)`` runs the
-    kernel with the same arguments (split back into runtime and compile-time ones)."""
+    kernel with the same arguments (split back into runtime and compile-time ones; a pointer
+    passed as an int becomes a tensor over that memory, shaped like the JIT launch's tensor)."""
 
     packed_metadata = None
 
-    def __init__(self, kernel, n_runtime):
-        self.kernel, self.n_runtime, self.calls, self.fail = kernel, n_runtime, 0, False
+    def __init__(self, kernel, jit_args):
+        self.kernel, self.jit_args, self.calls, self.fail = kernel, jit_args, 0, False
+        self.int_pointers = 0
 
     def __getitem__(self, grid):
         def runner(*args, stream=None):
@@ -868,10 +931,16 @@ class _FakeCompiled:
             self.calls += 1
             if self.fail:
                 raise TypeError("launcher rejected the arguments")
-            names = self.kernel.arg_names[self.n_runtime :]
+            n_runtime = len(self.jit_args)
+            names = self.kernel.arg_names[n_runtime:]
             assert len(args) == len(self.kernel.arg_names)
-            cx = dict(zip(names, args[self.n_runtime :]))
-            self.kernel[grid](*args[: self.n_runtime], **cx)
+            runtime = list(args[:n_runtime])
+            for i, like in enumerate(self.jit_args):
+                if isinstance(like, torch.Tensor) and isinstance(runtime[i], int):
+                    runtime[i] = _alias(runtime[i], like)
+                    self.int_pointers += 1
+            cx = dict(zip(names, args[n_runtime:]))
+            self.kernel[grid](*runtime, **cx)
 
         return runner
 
@@ -887,7 +956,7 @@ class _ReturnsCompiled:
         def launch(*args, **meta):
             self.jit_calls += 1
             self.kernel[grid](*args, **meta)
-            self.compiled.append(_FakeCompiled(self.kernel, len(args)))
+            self.compiled.append(_FakeCompiled(self.kernel, args))
             return self.compiled[-1]
 
         return launch
@@ -915,17 +984,35 @@ def test_direct_launches_match_the_jit_launch(monkeypatch):
     monkeypatch.setattr(nf4, "_quantize_4bit_kernel", q1)
     monkeypatch.setattr(nf4, "_quantize_absmax_kernel", q2)
     monkeypatch.setattr(nf4, "_driver", _FakeDriver)
-    monkeypatch.setattr(nf4, "_QUANT_COMPILED", {})
+    monkeypatch.setattr(nf4, "_QUANT_PLANS", {})
     monkeypatch.setitem(nf4._DIRECT, "on", True)
     w = _weight((9, 130), torch.float32, 5).to(DEV)
     pr, sr = nf4.quantize_4bit_ref(w, 64, "nf4", True)
     with qkern.backend("triton"):
-        for _ in range(2):
+        for _ in range(3):
             p, s = nf4._quantize_4bit_triton(w, 64, "nf4", True, rcp_mode=nf4.RCP_IEEE)
             assert torch.equal(p.cpu(), pr.cpu())
             _assert_same_state(s, sr)
         assert (q1.jit_calls, q2.jit_calls) == (1, 1)
-        assert q1.compiled[0].calls == 1 and q2.compiled[0].calls == 1
+        assert q1.compiled[0].calls == 2 and q2.compiled[0].calls == 2
+        # quantize passes its pointers as integers (5 of them per launch of either kernel)
+        assert q1.compiled[0].int_pointers == 2 * 4 and q2.compiled[0].int_pointers == 2 * 5
+        # an input whose pairs are not word-aligned: another specialization
+        base = torch.empty(w.numel() + 1, device=DEV)
+        shifted = base[1:].view(w.shape)
+        shifted.copy_(w)
+        for _ in range(2):
+            p2, s2 = nf4._quantize_4bit_triton(shifted, 64, "nf4", True, rcp_mode=nf4.RCP_IEEE)
+            assert torch.equal(p2.cpu(), pr.cpu())
+            _assert_same_state(s2, sr)
+        assert q1.jit_calls == 2 and q1.compiled[1].calls == 1
+        # a failing direct launch: the JIT launch redoes the call, direct launches stop
+        q1.compiled[0].fail = True
+        p3, s3 = nf4._quantize_4bit_triton(w, 64, "nf4", True, rcp_mode=nf4.RCP_IEEE)
+        assert torch.equal(p3.cpu(), pr.cpu())
+        _assert_same_state(s3, sr)
+        assert q1.jit_calls == 3 and not nf4._DIRECT["on"]
+        nf4._DIRECT["on"] = True
         want = nf4.dequantize_4bit_ref(pr, sr, dtype=torch.float16)
         out = poisoned((9, 130), torch.float16, DEV)
         for i in range(3):
@@ -987,21 +1074,29 @@ def test_gpu_default_quantize_differs_from_ieee_only_next_to_thresholds():
 
 
 @pytest.mark.gpu
-def test_gpu_quantize_with_double_quant_does_not_sync():
-    """quantize_4bit (double quant) queues its work and returns: CUDA's sync debug mode set to
-    "error" would raise on any synchronizing call. The first read of the offset syncs once."""
+@pytest.mark.parametrize("dq", [True, False])
+def test_gpu_quantize_does_not_sync(dq):
+    """quantize_4bit queues its work and returns: CUDA's sync debug mode set to "error" would
+    raise on any synchronizing call. The first read of the offset syncs once (without double
+    quant: the finite check)."""
     w = _weight((1024, 1024), torch.bfloat16, 3).cuda()
-    nf4.quantize_4bit(w)  # compile outside the checked region
+    for _ in range(2):  # compile, then the cached plan and direct launches, outside the check
+        nf4.quantize_4bit(w, compress_statistics=dq)
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
+    count = _CountOps()
     try:
-        p, s = nf4.quantize_4bit(w)
+        with count.mode:
+            p, s = nf4.quantize_4bit(w, compress_statistics=dq)
         with pytest.raises(RuntimeError):
             s.offset  # noqa: B018
     finally:
         torch.cuda.set_sync_debug_mode(previous)
-    _, sr = nf4.quantize_4bit_ref(w, 64, "nf4", True)
+    # the direct launches run no torch op: the call's torch work is its allocations and the mean
+    empty = "empty.memory_format"
+    assert count.ops == ([empty] * 4 + ["mean.default"] if dq else [empty] * 2), count.ops
+    _, sr = nf4.quantize_4bit_ref(w, 64, "nf4", dq)
     assert s.offset == sr.offset
 
 
@@ -1018,6 +1113,8 @@ def test_gpu_direct_launches_are_bit_exact():
             pt, stt = nf4._quantize_4bit_triton(w, 64, "nf4", dq, rcp_mode=nf4.RCP_IEEE)
             assert torch.equal(pr, pt)
             _assert_same_state(sr, stt)
+        plan = nf4._QUANT_PLANS[(w.shape, w.dtype, w.device, 64, "nf4", dq, "rcp", nf4.RCP_IEEE)]
+        assert plan.direct, "the compiled quantize kernels were kept"
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             want = nf4.dequantize_4bit_ref(pr, sr, dtype=dtype)
             out = poisoned(w.shape, dtype, "cuda")
