@@ -18,9 +18,11 @@ treated as identity for dx, as autograd does through HF's casts):
     dw = sum over rows of dy * round_to(x.dtype, xhat)     # the factor the forward multiplied w by
 
 dw is accumulated per program over a contiguous block of rows into a float32 partial buffer of
-shape (programs, N) and reduced once afterwards: no atomics, deterministic. The number of programs
-(2 to 8 per SM, tuned) trades load overlap against partial-buffer traffic: 132 SMs * 4 * 4096 *
-4 B = 8.6 MB written and read back, against 671 MB moved by fwd+bwd at 16384 x 4096 bf16. When
+shape (programs, N) and reduced once afterwards by a small kernel that sums the partial rows in
+float32 and writes dw in the weight's dtype (one launch instead of torch's sum and cast): no
+atomics, deterministic. The number of programs (2 to 8 per SM, tuned) trades load overlap
+against partial-buffer traffic: 132 SMs * 4 * 4096 * 4 B = 8.6 MB written and read back,
+against 671 MB moved by fwd+bwd at 16384 x 4096 bf16. When
 the weight does not require a gradient (frozen norms in QLoRA) the backward is a separate
 straight-line kernel computing dx only, one row per program like the forward.
 
@@ -39,8 +41,16 @@ import torch
 import triton
 import triton.language as tl
 
-from qkern._backend import check_float, check_same_device, next_power_of_2, num_sms, pick_configs
+from qkern._backend import (
+    check_float,
+    check_same_device,
+    get_backend,
+    next_power_of_2,
+    num_sms,
+    pick_configs,
+)
 from qkern._backend import use_triton as _use_triton
+from qkern.nf4 import _launch
 
 MAX_WIDTH = 65536
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -236,20 +246,208 @@ def _rms_norm_bwd_dw_kernel(
     tl.store(DW_PART + pid.to(tl.int64) * N + cols, dw, mask=cmask)
 
 
+@triton.jit
+def _rms_norm_dw_sum_kernel(
+    PART,
+    DW,
+    P,
+    N,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dw_j = sum_p PART[p, j] over the P partial rows (contiguous, row stride N), accumulated
+    in ACC and rounded once to DW's dtype. One program per BLOCK_N columns; it reads BLOCK_P
+    partial rows per step, every load of a step issued at once."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    r = tl.arange(0, BLOCK_P)
+    acc = tl.zeros([BLOCK_N], dtype=ACC)
+    for p0 in range(0, P, BLOCK_P):
+        rows = (p0 + r).to(tl.int64)
+        mask = (rows < P)[:, None] & cmask[None, :]
+        part = tl.load(PART + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+        acc += tl.sum(part, axis=0)
+    tl.store(DW + cols, acc.to(DW.dtype.element_ty), mask=cmask)
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
+#
+# Host time per call counts: at 16384 x 4096 bf16 the whole fwd+bwd is ~0.2 ms of GPU time and a
+# model runs two norms per layer, so the launchers avoid per-call work that cannot change
+# between calls. Every kernel is launched through qkern.nf4._launch (the compiled kernel cached
+# per device and specialization, no JITFunction.run dispatch); compile-time arguments come from
+# a plan cached per shape key (_PLANS); the dW kernel's autotuner runs once per key and its
+# choice is then launched directly; N-D inputs are passed as (rows, row stride) without a view
+# op; outputs are allocated with empty_like (the cheapest allocation call).
+
+_COMPILED: dict = {}  # nf4._launch's cache: (device, launch key) -> compiled kernel
+_PLANS: dict = {}  # plan key -> grid divisor and compile-time arguments of one launch
+_CONTIG = torch.contiguous_format
 
 
-def _rows_2d(t: torch.Tensor, n: int) -> torch.Tensor:
-    """t as (rows, n) with unit stride along n: t itself when it already is, else a view, else a
-    copy. Returning t unchanged for 2-D input skips a view op per call (host time counts here)."""
-    if t.dim() == 2 and (n == 1 or t.stride(1) == 1):
-        return t
-    t2 = t.reshape(-1, n)
-    if n > 1 and t2.stride(1) != 1:
-        t2 = t2.contiguous()
-    return t2
+def _ik(v: int) -> int:
+    """An int kernel argument as far as Triton specializes on it: equal to 1, divisible by 16
+    or not, 32- or 64-bit (the int part of qkern.nf4._spec_key, as one small int)."""
+    if v == 1:
+        return 1
+    return (2 if v & 15 else 3) + (4 if v > 0x7FFFFFFF else 0)
+
+
+def _align_bits(*ptrs: int) -> int:
+    """Bit i set when pointer i is not 16-byte aligned (Triton specializes pointers on that).
+    Callers first test the OR of all pointers, so the common all-aligned case costs one test."""
+    bits = 0
+    for i, p in enumerate(ptrs):
+        if p & 15:
+            bits |= 1 << i
+    return bits
+
+
+def _row_stride(t: torch.Tensor) -> int:
+    """Stride between consecutive rows of ``t`` seen as (rows, t.shape[-1]) without a copy:
+    every leading dimension must collapse into one strided dimension and the last one must have
+    unit stride; -1 when that is not so (the caller copies). Contiguous tensors give the width
+    (callers test ``is_contiguous()`` first, which is cheaper)."""
+    shape, stride = t.shape, t.stride()
+    n = shape[-1]
+    if n != 1 and stride[-1] != 1:
+        return -1
+    rs = -1
+    nxt = 0
+    for i in range(len(shape) - 2, -1, -1):
+        size = shape[i]
+        if size == 1:
+            continue
+        if rs < 0:
+            rs, nxt = stride[i], stride[i] * size
+        elif stride[i] != nxt:
+            return -1
+        else:
+            nxt *= size
+    return n if rs < 0 else rs
+
+
+def _fwd_plan(pk: tuple) -> tuple:
+    _, n, x_dtype, *_ = pk
+    block_n, rows, num_warps = _row_tile(n)
+    meta = {"ACC": _tl_acc(x_dtype), "ROWS": rows, "BLOCK_N": block_n, "num_warps": num_warps}
+    _PLANS[pk] = plan = (rows, meta)
+    return plan
+
+
+def _fwd_launch(x, sx: int, m: int, n: int, weight, eps: float, y, rstd) -> None:
+    """The forward kernel on m rows of x (row stride sx) into y (contiguous) and rstd."""
+    pk = ("fwd", n, x.dtype, weight.dtype, y.dtype, rstd.dtype)
+    rows, meta = _PLANS.get(pk) or _fwd_plan(pk)
+    xp, wp, yp, rp = x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr()
+    al = (xp | wp | yp | rp) & 15 and _align_bits(xp, wp, yp, rp)
+    _launch(
+        _rms_norm_fwd_kernel,
+        (-(-m // rows), 1, 1),
+        (x, weight, y, rstd, m, n, sx, n, eps),
+        meta,
+        _COMPILED,
+        (pk, _ik(m), sx, al),
+    )
+
+
+def _dx_launch(dy, sdy: int, x, sx: int, m: int, n: int, weight, rstd, dx) -> None:
+    """Backward without dW: dx (contiguous) only, ROWS rows per program."""
+    pk = ("dx", n, x.dtype, weight.dtype, dy.dtype, dx.dtype)
+    rows, meta = _PLANS.get(pk) or _fwd_plan(pk)
+    dyp, xp, wp, rp, dxp = (
+        dy.data_ptr(),
+        x.data_ptr(),
+        weight.data_ptr(),
+        rstd.data_ptr(),
+        dx.data_ptr(),
+    )
+    al = (dyp | xp | wp | rp | dxp) & 15 and _align_bits(dyp, xp, wp, rp, dxp)
+    _launch(
+        _rms_norm_bwd_dx_kernel,
+        (-(-m // rows), 1, 1),
+        (dy, x, weight, rstd, dx, m, n, sdy, sx, n),
+        meta,
+        _COMPILED,
+        (pk, _ik(m), sdy, sx, al),
+    )
+
+
+def _dw_tune(pk: tuple, args: tuple, m: int, n: int, x) -> torch.Tensor:
+    """First dW backward for a plan key: the autotuner picks the programs per SM (grid and
+    partial rows depend on it); the choice becomes the key's plan. Returns the partial rows."""
+    block_n, rows, _ = _row_tile(n)
+    steps = -(-m // rows)
+    sms = _sms(x.device)
+    # sized for the largest P a config may pick; only the chosen config's rows are summed
+    part = x.new_empty((min(steps, _BWD_DW_MAX_PER_SM * sms), n), dtype=_acc_dtype(x.dtype))
+    acc = _tl_acc(x.dtype)
+    _rms_norm_bwd_dw_kernel[lambda meta: (min(steps, meta["PROGRAMS_PER_SM"] * sms),)](
+        *args[:5], part, *args[5:], ACC=acc, ROWS=rows, BLOCK_N=block_n
+    )
+    cfg = _rms_norm_bwd_dw_kernel.best_config
+    cap = cfg.kwargs["PROGRAMS_PER_SM"] * sms
+    meta = {**cfg.all_kwargs(), "ACC": acc, "ROWS": rows, "BLOCK_N": block_n}
+    # the partial sum: BLOCK_N = 32 columns (128-byte row segments) per program, so N = 4096
+    # gives 128 programs; each step loads up to 8192 floats (32 per thread at 8 warps), so the
+    # 528 rows of P = 4 on 132 SMs take three steps
+    sum_n = min(32, next_power_of_2(n))
+    sum_meta = {
+        "ACC": acc,
+        "BLOCK_P": min(next_power_of_2(cap), 8192 // sum_n),
+        "BLOCK_N": sum_n,
+        "num_warps": 8,
+    }
+    _PLANS[pk] = (rows, cap, meta, sum_n, sum_meta)
+    return part[: min(steps, cap)]
+
+
+def _dw_launch(dy, sdy: int, x, sx: int, m: int, n: int, weight, rstd, dx) -> torch.Tensor:
+    """Backward with dW: dx into ``dx`` (contiguous); returns dw in weight's dtype. P programs
+    per SM (tuned once per key) each write one float32 partial row, summed by a second kernel."""
+    pk = ("dw", n, x.dtype, weight.dtype, dy.dtype, dx.dtype, x.get_device())
+    plan = _PLANS.get(pk)
+    args = (dy, x, weight, rstd, dx, m, n, sdy, sx, n)
+    if plan is None:
+        part = _dw_tune(pk, args, m, n, x)
+        rows, cap, meta, sum_n, sum_meta = _PLANS[pk]
+    else:
+        rows, cap, meta, sum_n, sum_meta = plan
+        programs = -(-m // rows)
+        if programs > cap:
+            programs = cap
+        part = x.new_empty((programs, n), dtype=_acc_dtype(x.dtype))
+        dyp, xp, wp, rp, dxp = (
+            dy.data_ptr(),
+            x.data_ptr(),
+            weight.data_ptr(),
+            rstd.data_ptr(),
+            dx.data_ptr(),
+        )
+        al = (dyp | xp | wp | rp | dxp) & 15 and _align_bits(dyp, xp, wp, rp, dxp)
+        _launch(
+            _rms_norm_bwd_dw_kernel.fn,
+            (programs, 1, 1),
+            (*args[:5], part, *args[5:]),
+            meta,
+            _COMPILED,
+            (pk, _ik(m), sdy, sx, al, part.data_ptr() & 15 == 0),
+        )
+    programs = part.shape[0]
+    dw = torch.empty_like(weight)
+    pp, wp = part.data_ptr(), dw.data_ptr()
+    _launch(
+        _rms_norm_dw_sum_kernel,
+        (-(-n // sum_n), 1, 1),
+        (part, dw, programs, n),
+        sum_meta,
+        _COMPILED,
+        ("sum", pk, _ik(programs), (pp | wp) & 15 and _align_bits(pp, wp)),
+    )
+    return dw
 
 
 def _rms_norm_fwd(
@@ -259,19 +457,17 @@ def _rms_norm_fwd(
     y: torch.Tensor | None = None,
     rstd: torch.Tensor | None = None,
 ):
-    """y (M, N) and rstd (M,) for 2-D x2 with unit stride along N; ``y``/``rstd`` may be given."""
+    """y (M, N) and rstd (M,) for 2-D x2 with unit stride along N; ``y`` (contiguous) and
+    ``rstd`` may be given."""
     m, n = x2.shape
     if y is None:
         y = x2.new_empty((m, n))
+    elif not y.is_contiguous():
+        raise ValueError("y must be contiguous")
     if rstd is None:
         rstd = x2.new_empty((m,), dtype=_acc_dtype(x2.dtype))
-    if m == 0:
-        return y, rstd
-    block_n, rows, num_warps = _row_tile(n)
-    _rms_norm_fwd_kernel[(-(-m // rows),)](
-        x2, weight, y, rstd, m, n, x2.stride(0), y.stride(0), eps,
-        ACC=_tl_acc(x2.dtype), ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
-    )  # fmt: skip
+    if m:
+        _fwd_launch(x2, x2.stride(0), m, n, weight, float(eps), y, rstd)
     return y, rstd
 
 
@@ -283,57 +479,75 @@ def _rms_norm_bwd(
     compute_dw: bool,
     dx: torch.Tensor | None = None,
 ):
-    """dx (M, N), and dw (N,) in weight's dtype when ``compute_dw``; ``dx`` may be given."""
+    """dx (M, N), and dw (N,) in weight's dtype when ``compute_dw``, for 2-D dy2 and x2 with
+    unit stride along N; ``dx`` (contiguous) may be given."""
     m, n = x2.shape
     if dx is None:
         dx = x2.new_empty((m, n))
+    elif not dx.is_contiguous():
+        raise ValueError("dx must be contiguous")
     if m == 0:
         return dx, (torch.zeros_like(weight) if compute_dw else None)
-    block_n, rows, num_warps = _row_tile(n)
-    acc = _tl_acc(x2.dtype)
+    args = (dy2, dy2.stride(0), x2, x2.stride(0), m, n, weight, rstd, dx)
     if not compute_dw:
-        _rms_norm_bwd_dx_kernel[(-(-m // rows),)](
-            dy2, x2, weight, rstd, dx, m, n, dy2.stride(0), x2.stride(0), dx.stride(0),
-            ACC=acc, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
-        )  # fmt: skip
+        _dx_launch(*args)
         return dx, None
-    steps = -(-m // rows)  # plain ints: triton.cdiv is a slower call on some Triton versions
-    sms = _sms(x2.device)
-    # the partial buffer is sized for the largest P a config may pick; only `used` rows are summed
-    part = x2.new_empty((min(steps, _BWD_DW_MAX_PER_SM * sms), n), dtype=_acc_dtype(x2.dtype))
-    _rms_norm_bwd_dw_kernel[lambda meta: (min(steps, meta["PROGRAMS_PER_SM"] * sms),)](
-        dy2, x2, weight, rstd, dx, part, m, n, dy2.stride(0), x2.stride(0), dx.stride(0),
-        ACC=acc, ROWS=rows, BLOCK_N=block_n,
-    )  # fmt: skip
-    used = min(steps, _rms_norm_bwd_dw_kernel.best_config.kwargs["PROGRAMS_PER_SM"] * sms)
-    dw = part[:used].sum(0)
-    return dx, (dw if dw.dtype == weight.dtype else dw.to(weight.dtype))
+    return dx, _dw_launch(*args)
+
+
+def _rows_of(t: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """(t, row stride) when t's rows are one strided dimension with unit stride along n, else
+    (a contiguous copy, n)."""
+    if t.is_contiguous():
+        return t, n
+    rs = _row_stride(t)
+    return (t, rs) if rs >= 0 else (t.contiguous(), n)
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """y in x's shape (contiguous), the x the kernel read (x itself unless its rows needed a
+    copy), its row stride and rstd."""
+    n = x.shape[-1]
+    x, sx = _rows_of(x, n)
+    m = x.numel() // n if n else 0
+    y = torch.empty_like(x) if sx == n else torch.empty_like(x, memory_format=_CONTIG)
+    rstd = x.new_empty(m, dtype=_acc_dtype(x.dtype))
+    if m:
+        _fwd_launch(x, sx, m, n, weight, eps, y, rstd)
+    return y, x, sx, rstd
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton RMSNorm kernels. Saves x and rstd (one float per row).
+    """Autograd wrapper of the Triton RMSNorm kernels. Saves x, weight and rstd (one float per
+    row); x by reference (a copy only when its rows are not one strided dimension).
 
-    The host path is kept to the two kernel launches plus output allocations (and the dW partial
-    sum): on a fast GPU the whole fwd+bwd of a 16384 x 4096 bf16 norm is ~0.2 ms of kernel time,
-    so every torch op or autotuner dispatch per call shows up in the step time."""
+    Per fwd+bwd the host issues, besides the autograd bookkeeping, the output allocations (y,
+    rstd; dx, and with dW the partial buffer and dw) and two or three direct launches: no view,
+    reshape or reduction op, and no autotuner or JIT dispatch after the first call of a shape."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x2 = _rows_2d(x, x.shape[-1])
-        y, rstd = _rms_norm_fwd(x2, weight, eps)
-        ctx.save_for_backward(x2, weight, rstd)
-        return y if x2 is x else y.view(x.shape)
+        y, x, sx, rstd = _forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.sx = sx
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, weight, rstd = ctx.saved_tensors
-        dy2 = _rows_2d(dy, x2.shape[1])
-        dx, dw = _rms_norm_bwd(dy2, x2, weight, rstd, compute_dw=ctx.needs_input_grad[1])
-        if not ctx.needs_input_grad[0]:
-            dx = None
-        elif dy2 is not dy:
-            dx = dx.view(dy.shape)
-        return dx, dw, None
+        x, weight, rstd = ctx.saved_tensors
+        n = x.shape[-1]
+        m = rstd.shape[0]
+        dy, sdy = _rows_of(dy, n)
+        dx = torch.empty_like(dy) if sdy == n else torch.empty_like(dy, memory_format=_CONTIG)
+        needs = ctx.needs_input_grad
+        dw = None
+        if m == 0:
+            dw = torch.zeros_like(weight) if needs[1] else None
+        elif needs[1]:
+            dw = _dw_launch(dy, sdy, x, ctx.sx, m, n, weight, rstd, dx)
+        else:
+            _dx_launch(dy, sdy, x, ctx.sx, m, n, weight, rstd, dx)
+        return (dx if needs[0] else None), dw, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,13 +586,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     Gradients flow to ``x`` and, when it requires grad, to ``weight``.
     """
     _check(x, weight, eps)
-    if not _use_triton(x, weight):
+    # use_triton's answer without its call for the common case (CUDA tensors, backend "auto")
+    if not (x.is_cuda and weight.is_cuda and get_backend() == "auto") and not _use_triton(
+        x, weight
+    ):
         return rms_norm_ref(x, weight, eps)
     if x.shape[-1] > MAX_WIDTH:
         raise ValueError(
             f"rms_norm kernel supports rows up to {MAX_WIDTH} elements, got {x.shape[-1]}"
         )
-    return RMSNormFunction.apply(x, weight, float(eps))
+    if not weight.is_contiguous():  # the kernels read w with unit stride
+        weight = weight.contiguous()
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return RMSNormFunction.apply(x, weight, float(eps))
+    return _forward(x, weight, float(eps))[0]  # inference: no autograd node
 
 
 class RMSNorm(torch.nn.Module):

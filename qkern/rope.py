@@ -34,15 +34,16 @@ in bf16 for Hq=32); one program per token loads its cos/sin row once for all hea
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from qkern._backend import check_float, check_same_device, next_power_of_2
+from qkern._backend import check_float, check_same_device, get_backend, next_power_of_2
 from qkern._backend import use_triton as _use_triton
+from qkern.nf4 import _launch
+from qkern.rms_norm import _align_bits
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -218,7 +219,12 @@ def _cos_sin_args(
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """cos/sin with unit last stride and the (batch, seq) strides both are read with; a batch of 1
     or a 2-D (S, D/2) table broadcasts over the batch (batch stride 0)."""
-    if cos.stride(-1) != 1:
+    cst = cos.stride()
+    if cst[-1] == 1 and sin.stride() == cst:  # the usual case: one layout, unit last stride
+        if len(cst) == 2:
+            return cos, sin, 0, cst[0]
+        return cos, sin, (0 if cos.shape[0] == 1 else cst[0]), cst[1]
+    if cst[-1] != 1:
         cos = cos.contiguous()
     if sin.stride(-1) != 1:
         sin = sin.contiguous()
@@ -234,47 +240,63 @@ def _cos_sin_args(
     return cos, sin, cb, cs
 
 
-def _launch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    scb: int,
-    scs: int,
-    qo: torch.Tensor,
-    ko: torch.Tensor,
-    backward: bool,
-) -> None:
-    """One launch rotating q and k (B, S, H, D) into qo and ko; cos/sin as _cos_sin_args returns.
-
-    num_warps is fixed rather than tuned (an autotuned launch costs host time on every call): a
-    program moves its token's q and k, (Hq + Hk) * D elements in and out; 4 warps give each
-    thread 40 of the 5120 elements of 32 + 8 heads of 128, 8 warps above 8192 elements."""
-    bsz, seq, hq, d = q.shape
-    if bsz * seq == 0:
-        return
-    qs, ks, qos, kos = q.stride(), k.stride(), qo.stride(), ko.stride()
-    _rope_kernel[(bsz * seq,)](
-        q, k, qo, ko, cos, sin, seq, hq, k.shape[2],
-        qs[0], qs[1], qs[2], ks[0], ks[1], ks[2],
-        qos[0], qos[1], qos[2], kos[0], kos[1], kos[2],
-        scb, scs,
-        ACC=tl.float64 if q.dtype == torch.float64 else tl.float32, BACKWARD=backward,
-        **_meta(hq, k.shape[2], d),
-    )  # fmt: skip
+# Host time per call: the kernel is launched directly through qkern.nf4._launch (the compiled
+# kernel cached per device and specialization, no JIT dispatch), with its compile-time arguments
+# from a plan cached per (Hq, Hk, D, dtypes, direction). The launch key holds the 23 runtime
+# arguments' ints by value (cheaper than deriving what Triton specializes them on; the batch
+# strides and S move with the sequence length, so the cache is emptied when it grows past
+# _MAX_COMPILED entries and refills through one JIT dispatch per shape) and the pointers' 16-byte
+# alignment.
+_COMPILED: dict = {}  # nf4._launch's cache: (device, launch key) -> compiled kernel
+_MAX_COMPILED = 1024
+_PLANS: dict = {}  # plan key -> compile-time arguments
 
 
-@functools.lru_cache(maxsize=64)
-def _meta(hq: int, hk: int, d: int) -> dict:
-    """Block sizes and num_warps for (Hq, Hk, D), cached: they are per-model constants."""
+def _plan(pk: tuple) -> dict:
+    """Block sizes and num_warps for (Hq, Hk, D): a program moves its token's q and k, (Hq + Hk)
+    * D elements in and out; 4 warps give each thread 40 of the 5120 elements of 32 + 8 heads of
+    128, 8 warps above 8192 elements. Fixed rather than tuned (the choice comes from the shape
+    alone, so no autotuner runs on any call)."""
+    hq, hk, d, dtype, backward = pk[:5]
     half = d // 2
-    return {
+    _PLANS[pk] = meta = {
+        "ACC": tl.float64 if dtype == torch.float64 else tl.float32,
+        "BACKWARD": backward,
         "HALF": half,
         "BLOCK_HALF": next_power_of_2(half),
         "BLOCK_HQ": next_power_of_2(hq),
         "BLOCK_HK": next_power_of_2(hk),
         "num_warps": 4 if (hq + hk) * d <= 8192 else 8,
     }
+    return meta
+
+
+def _launch_rope(q, qs, k, ks, qo, ko, cos, sin, scb: int, scs: int, backward: bool) -> None:
+    """One launch, one program per token; ``qs``/``ks`` are q's and k's strides."""
+    bsz, seq, hq, d = q.shape
+    if bsz * seq == 0:
+        return
+    hk = k.shape[2]
+    pk = (hq, hk, d, q.dtype, backward, k.dtype, qo.dtype, ko.dtype, cos.dtype, sin.dtype)
+    meta = _PLANS.get(pk) or _plan(pk)
+    qos, kos = qo.stride(), ko.stride()
+    p = (q.data_ptr(), k.data_ptr(), qo.data_ptr(), ko.data_ptr(), cos.data_ptr(), sin.data_ptr())
+    al = (p[0] | p[1] | p[2] | p[3] | p[4] | p[5]) & 15 and _align_bits(*p)
+    if len(_COMPILED) > _MAX_COMPILED:
+        _COMPILED.clear()
+    _launch(
+        _rope_kernel,
+        (bsz * seq, 1, 1),
+        (
+            q, k, qo, ko, cos, sin, seq, hq, hk,
+            qs[0], qs[1], qs[2], ks[0], ks[1], ks[2],
+            qos[0], qos[1], qos[2], kos[0], kos[1], kos[2],
+            scb, scs,
+        ),
+        meta,
+        _COMPILED,
+        (pk, seq, qs, ks, qos, kos, scb, scs, al),
+    )  # fmt: skip
 
 
 def _rope_launch(
@@ -286,13 +308,30 @@ def _rope_launch(
     ko: torch.Tensor,
     backward: bool,
 ) -> None:
-    """Rotate q, k (unit stride along D) by theta (``backward``: by -theta) into qo, ko."""
+    """Rotate q, k (B, S, H, D), unit stride along D, by theta (``backward``: by -theta) into
+    qo, ko."""
     cos, sin, scb, scs = _cos_sin_args(cos, sin)
-    _launch(q, k, cos, sin, scb, scs, qo, ko, backward)
+    _launch_rope(q, q.stride(), k, k.stride(), qo, ko, cos, sin, scb, scs, backward)
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _forward(q, k, cos, sin, inplace: bool):
+    """(q', k', cos, sin, (batch, seq) strides of cos/sin): q' and k' are q and k themselves
+    when ``inplace`` and both have unit stride along D."""
+    qs, ks = q.stride(), k.stride()
+    q_in, k_in = q, k
+    if qs[3] != 1:
+        q_in = q.contiguous()
+        qs = q_in.stride()
+    if ks[3] != 1:
+        k_in = k.contiguous()
+        ks = k_in.stride()
+    if inplace and q_in is q and k_in is k:
+        qo, ko = q, k
+    else:
+        qo, ko = torch.empty_like(q_in), torch.empty_like(k_in)
+    cos, sin, scb, scs = _cos_sin_args(cos, sin)
+    _launch_rope(q_in, qs, k_in, ks, qo, ko, cos, sin, scb, scs, False)
+    return qo, ko, cos, sin, (scb, scs)
 
 
 class RoPEFunction(torch.autograd.Function):
@@ -301,25 +340,25 @@ class RoPEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, inplace: bool):
-        q_in, k_in = _unit_last(q), _unit_last(k)
-        if inplace and q_in is q and k_in is k:
-            qo, ko = q, k
-        else:
-            qo, ko = torch.empty_like(q_in), torch.empty_like(k_in)
-        cos, sin, scb, scs = _cos_sin_args(cos, sin)
-        _launch(q_in, k_in, cos, sin, scb, scs, qo, ko, backward=False)
+        qo, ko, cos, sin, cos_strides = _forward(q, k, cos, sin, inplace)
         if qo is q:
             ctx.mark_dirty(q, k)
         ctx.save_for_backward(cos, sin)
-        ctx.cos_strides = (scb, scs)
+        ctx.cos_strides = cos_strides
         return qo, ko
 
     @staticmethod
     def backward(ctx, dqo, dko):
         cos, sin = ctx.saved_tensors
-        dqo, dko = _unit_last(dqo), _unit_last(dko)
+        qs, ks = dqo.stride(), dko.stride()
+        if qs[3] != 1:
+            dqo = dqo.contiguous()
+            qs = dqo.stride()
+        if ks[3] != 1:
+            dko = dko.contiguous()
+            ks = dko.stride()
         dq, dk = torch.empty_like(dqo), torch.empty_like(dko)
-        _launch(dqo, dko, cos, sin, *ctx.cos_strides, dq, dk, backward=True)
+        _launch_rope(dqo, qs, dko, ks, dq, dk, cos, sin, *ctx.cos_strides, True)
         return dq, dk, None, None, None
 
 
@@ -346,6 +385,35 @@ def apply_rope_ref(
     cq, sq = expand(cos, q.dtype), expand(sin, q.dtype)
     ck, sk = expand(cos, k.dtype), expand(sin, k.dtype)
     return q * cq + _rotate_half(q) * sq, k * ck + _rotate_half(k) * sk
+
+
+def _valid(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether the inputs pass every check of :func:`_check`: one expression over the shapes
+    and dtypes, so valid calls (all of them, in a model) skip the checks with their messages."""
+    qsh, ksh, csh = q.shape, k.shape, cos.shape
+    dt = q.dtype
+    return (
+        dt in _DTYPES
+        and k.dtype == dt
+        and cos.dtype in _DTYPES
+        and sin.dtype in _DTYPES
+        and len(qsh) == 4
+        and len(ksh) == 4
+        and ksh[0] == qsh[0]
+        and ksh[1] == qsh[1]
+        and ksh[3] == qsh[3]
+        and qsh[3] % 2 == 0
+        and qsh[3] <= 1024
+        and sin.shape == csh
+        and csh[-1] * 2 == qsh[3]
+        and (
+            (len(csh) == 2 and csh[0] == qsh[1])
+            or (len(csh) == 3 and csh[1] == qsh[1] and (csh[0] == 1 or csh[0] == qsh[0]))
+        )
+        and k.device == q.device
+        and cos.device == q.device
+        and sin.device == q.device
+    )
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -379,9 +447,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
             f"cos/sin must have shape ({bsz}, {seq}, {d // 2}) or ({seq}, {d // 2}) for q "
             f"{tuple(q.shape)} (half the head dim, as rope_cos_sin returns), got {tuple(cos.shape)}"
         )
-    dev = q.device
-    if k.device != dev or cos.device != dev or sin.device != dev:
-        check_same_device(q=q, k=k, cos=cos, sin=sin)
+    check_same_device(q=q, k=k, cos=cos, sin=sin)
 
 
 def apply_rope(
@@ -397,14 +463,26 @@ def apply_rope(
     does so whenever q and k have unit stride along D; the reference path only outside autograd.
     Always use the returned tensors. Gradients flow to q and k, not to cos/sin.
     """
-    _check(q, k, cos, sin)
-    if not _use_triton(q, k, cos, sin):
+    if not (
+        isinstance(q, torch.Tensor)
+        and isinstance(k, torch.Tensor)
+        and isinstance(cos, torch.Tensor)
+        and isinstance(sin, torch.Tensor)
+        and _valid(q, k, cos, sin)
+    ):
+        _check(q, k, cos, sin)
+    # use_triton's answer without its call for the common case (CUDA tensors, backend "auto")
+    if not (
+        q.is_cuda and k.is_cuda and cos.is_cuda and sin.is_cuda and get_backend() == "auto"
+    ) and not _use_triton(q, k, cos, sin):
         qo, ko = apply_rope_ref(q, k, cos, sin)
         if inplace and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
             q.copy_(qo)
             k.copy_(ko)
             return q, k
         return qo, ko
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+        return _forward(q, k, cos, sin, inplace)[:2]  # inference: no autograd node
     if cos.requires_grad or sin.requires_grad:  # no gradient flows to the tables
         cos, sin = cos.detach(), sin.detach()
     return RoPEFunction.apply(q, k, cos, sin, bool(inplace))

@@ -31,9 +31,18 @@ import torch
 import triton
 import triton.language as tl
 from torch.autograd.graph import increment_version
+from triton.runtime.autotuner import Autotuner, Heuristics
 
-from qkern._backend import check_float, check_same_device, next_power_of_2, pick_configs
+from qkern._backend import (
+    check_float,
+    check_same_device,
+    get_backend,
+    next_power_of_2,
+    pick_configs,
+)
 from qkern._backend import use_triton as _use_triton
+from qkern.nf4 import _launch
+from qkern.rms_norm import _align_bits, _ik, _rows_of
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -147,20 +156,90 @@ def _swiglu_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# launchers (operate on 2-D (M, N) tensors with unit stride along N)
+# launchers (2-D (M, N) views given as row strides, unit stride along N)
 # ----------------------------------------------------------------------------------------------
+#
+# Host time per call: the autotuners run once per shape key (N and the dtypes, as their own
+# cache key) on the first call, with restore_value guarding the aliasing calls (h over g,
+# gradients over their inputs) while they time candidates; the chosen config is then kept in
+# _PLANS and every later call launches the JIT kernel directly through qkern.nf4._launch (no
+# autotuner, heuristics or JIT dispatch, a tuple grid). N-D tensors are passed as
+# (rows, row stride), so no view or reshape op runs per call.
+
+_COMPILED: dict = {}  # nf4._launch's cache: (device, launch key) -> compiled kernel
+_PLANS: dict = {}  # (direction, N, dtypes...) -> (ROWS, BLOCK_N, compile-time arguments)
+_CONTIG = torch.contiguous_format
 
 
-def _rows_2d(t: torch.Tensor) -> torch.Tensor:
-    n = t.shape[-1]
-    t2 = t.reshape(-1, n)
-    if n > 1 and t2.stride(1) != 1:
-        t2 = t2.contiguous()
-    return t2
+def _jit_of(kernel):
+    """The JIT function under the autotuner and heuristics wrappers."""
+    while isinstance(kernel, (Autotuner, Heuristics)):
+        kernel = kernel.fn
+    return kernel
+
+
+_FWD_JIT = _jit_of(_swiglu_fwd_kernel)
+_BWD_JIT = _jit_of(_swiglu_bwd_kernel)
 
 
 def _grid(m: int, n: int):
     return lambda meta: (-(-m // meta["ROWS"]), -(-n // meta["BLOCK_N"]))
+
+
+def _plan(pk: tuple, tuner, n: int, extra: dict) -> tuple:
+    """Record the config the tuner just ran for ``pk``: tile, warps and stages."""
+    cfg = tuner.best_config.all_kwargs()
+    tile = _tile({"BLOCK": cfg["BLOCK"], "N": n})
+    meta = {**cfg, **extra, **tile}
+    _PLANS[pk] = plan = (tile["ROWS"], tile["BLOCK_N"], meta)
+    return plan
+
+
+def _fwd(g, u, h, m: int, n: int, sg: int, su: int, sh: int) -> None:
+    """h = silu(g) * u on m rows of width n with the given row strides (m * n > 0)."""
+    pk = ("fwd", n, g.dtype, u.dtype, h.dtype)
+    plan = _PLANS.get(pk)
+    args = (g, u, h, m, n, sg, su, sh)
+    if plan is None:
+        acc = _acc(g.dtype)
+        _swiglu_fwd_kernel[_grid(m, n)](*args, ACC=acc)
+        _plan(pk, _swiglu_fwd_kernel, n, {"ACC": acc})
+        return
+    rows, block_n, meta = plan
+    gp, up, hp = g.data_ptr(), u.data_ptr(), h.data_ptr()
+    al = (gp | up | hp) & 15 and _align_bits(gp, up, hp)
+    _launch(
+        _FWD_JIT,
+        (-(-m // rows), -(-n // block_n), 1),
+        args,
+        meta,
+        _COMPILED,
+        (pk, _ik(m), sg, su, sh, al),
+    )
+
+
+def _bwd(dh, g, u, dg, du, hout, m: int, n: int, strides: tuple, store_h: bool) -> None:
+    """dgate into dg, dup into du (and h into hout when ``store_h``); ``strides`` are the six
+    row strides in argument order (m * n > 0)."""
+    pk = ("bwd", n, store_h, dh.dtype, g.dtype, u.dtype, dg.dtype, du.dtype, hout.dtype)
+    plan = _PLANS.get(pk)
+    args = (dh, g, u, dg, du, hout, m, n, *strides)
+    if plan is None:
+        acc = _acc(g.dtype)
+        _swiglu_bwd_kernel[_grid(m, n)](*args, ACC=acc, STORE_H=store_h)
+        _plan(pk, _swiglu_bwd_kernel, n, {"ACC": acc, "STORE_H": store_h})
+        return
+    rows, block_n, meta = plan
+    p = (dh.data_ptr(), g.data_ptr(), u.data_ptr(), dg.data_ptr(), du.data_ptr(), hout.data_ptr())
+    al = (p[0] | p[1] | p[2] | p[3] | p[4] | p[5]) & 15 and _align_bits(*p)
+    _launch(
+        _BWD_JIT,
+        (-(-m // rows), -(-n // block_n), 1),
+        args,
+        meta,
+        _COMPILED,
+        (pk, _ik(m), strides, al),
+    )
 
 
 def swiglu_forward_2d(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None):
@@ -168,9 +247,7 @@ def swiglu_forward_2d(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None
     m, n = g.shape
     h = torch.empty((m, n), dtype=g.dtype, device=g.device) if out is None else out
     if m * n:
-        _swiglu_fwd_kernel[_grid(m, n)](
-            g, u, h, m, n, g.stride(0), u.stride(0), h.stride(0), ACC=_acc(g.dtype)
-        )
+        _fwd(g, u, h, m, n, g.stride(0), u.stride(0), h.stride(0))
     return h
 
 
@@ -188,38 +265,59 @@ def swiglu_backward_2d(
     if m * n == 0:
         return
     hout = h_out if h_out is not None else dg
-    _swiglu_bwd_kernel[_grid(m, n)](
-        dh, g, u, dg, du, hout, m, n,
-        dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0), hout.stride(0),
-        ACC=_acc(g.dtype), STORE_H=h_out is not None,
-    )  # fmt: skip
+    strides = (dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0), hout.stride(0))
+    _bwd(dh, g, u, dg, du, hout, m, n, strides, h_out is not None)
+
+
+def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """h in gate's shape (contiguous)."""
+    n = gate.shape[-1]
+    g, sg = _rows_of(gate, n)
+    u, su = _rows_of(up, n)
+    h = torch.empty_like(g) if sg == n else torch.empty_like(g, memory_format=_CONTIG)
+    numel = g.numel()
+    if numel:
+        _fwd(g, u, h, numel // n, n, sg, su, n)
+    return h
 
 
 class SwiGLUFunction(torch.autograd.Function):
-    """Autograd wrapper; saves gate and up, recomputes sigmoid(gate) in backward."""
+    """Autograd wrapper; saves gate and up, recomputes sigmoid(gate) in backward.
+
+    Per fwd+bwd the host issues, besides the autograd bookkeeping, the output allocations (h;
+    dgate and dup unless in place) and two direct launches: no view or reshape op (N-D inputs
+    are passed as row strides), and no autotuner or JIT dispatch after the first call of a
+    shape."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool):
-        h = swiglu_forward_2d(_rows_2d(gate), _rows_2d(up))
+        h = _forward(gate, up)
         ctx.save_for_backward(gate, up)
         ctx.inplace_backward = inplace_backward
-        return h.view(gate.shape)
+        return h
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
         gate, up = ctx.saved_tensors
-        g2, u2, dh2 = _rows_2d(gate), _rows_2d(up), _rows_2d(dh)
+        n = gate.shape[-1]
+        g, sg = _rows_of(gate, n)
+        u, su = _rows_of(up, n)
+        dh, sdh = _rows_of(dh, n)
         if ctx.inplace_backward:
-            dg, du = g2, u2
+            dg, du, sdg, sdu = g, u, sg, su
         else:
-            dg, du = torch.empty_like(g2), torch.empty_like(u2)
-        swiglu_backward_2d(dh2, g2, u2, dg, du)
+            dg = torch.empty_like(dh) if sdh == n else torch.empty_like(dh, memory_format=_CONTIG)
+            du = torch.empty_like(dg)
+            sdg = sdu = n
+        numel = g.numel()
+        if numel:
+            _bwd(dh, g, u, dg, du, dg, numel // n, n, (sdh, sg, su, sdg, sdu, sdg), False)
         if ctx.inplace_backward:
             # gate/up now hold the gradients: a second backward through this graph must fail
             # the saved-tensor version check instead of reading gradients as activations
             increment_version(gate)
             increment_version(up)
-        return dg.view(gate.shape), du.view(gate.shape), None
+        return dg, du, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,13 +339,17 @@ def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
         raise TypeError(f"gate and up must have one dtype, got {gate.dtype} and {up.dtype}")
     if gate.dim() == 0:
         raise ValueError("gate and up must have at least one dimension")
-    check_same_device(gate=gate, up=up)
+    if gate.device != up.device:
+        check_same_device(gate=gate, up=up)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False) -> torch.Tensor:
     """``silu(gate) * up``; ``inplace_backward=True`` writes the gradients into gate's and up's
     buffers during backward (see the module docstring for when that is safe)."""
     _check(gate, up)
-    if not _use_triton(gate, up):
+    # use_triton's answer without its call for the common case (CUDA tensors, backend "auto")
+    if not (gate.is_cuda and up.is_cuda and get_backend() == "auto") and not _use_triton(gate, up):
         return swiglu_ref(gate, up)
-    return SwiGLUFunction.apply(gate, up, bool(inplace_backward))
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return SwiGLUFunction.apply(gate, up, bool(inplace_backward))
+    return _forward(gate, up)  # inference: no autograd node

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import qkern
-from qkern.rms_norm import RMSNorm, _rms_norm_bwd, _rms_norm_fwd, rms_norm, rms_norm_ref
+from qkern._backend import interpreter_enabled
+from qkern.rms_norm import (
+    RMSNorm,
+    _rms_norm_bwd,
+    _rms_norm_fwd,
+    _row_stride,
+    rms_norm,
+    rms_norm_ref,
+)
 from tests.helpers import assert_close_rule, kernel_device, poisoned
+
+rms_mod = importlib.import_module("qkern.rms_norm")  # the package exports a function of that name
 
 DEV = kernel_device()
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -125,6 +137,55 @@ def test_non_contiguous_input():
     assert_close_rule(y, rms_norm_ref(xt.double(), w.detach().double()), atol=1e-5)
 
 
+def test_strided_rows_of_3d_input_without_copy():
+    # rows of a (2, 3, 2n) buffer's first half: the leading dims collapse with row stride 2n,
+    # so the kernels read x in place (no copy), including the dW backward
+    x, w, dy = _case([2, 3], 2 * 40, torch.float32, 1.0, 8)
+    xs = x.detach()[..., :40].requires_grad_()
+    assert _row_stride(xs) == 80 and not xs.is_contiguous()
+    _check_against_fp64(xs, w.detach()[:40].clone().requires_grad_(), dy[..., :40])
+
+
+@pytest.mark.parametrize(
+    "shape, make",
+    [
+        ((6, 8), lambda t: t),
+        ((6, 8), lambda t: t[:, :5]),  # strided rows
+        ((4, 3, 8), lambda t: t[:, :, :5]),  # strided rows, but the leading dims do not collapse
+        ((4, 3, 8), lambda t: t[:, 1:2, :]),  # a size-1 dim in between
+        ((4, 3, 8), lambda t: t.transpose(0, 1)),  # leading dims permuted
+        ((4, 8), lambda t: t.t()),  # last dim not unit stride
+        ((1, 8), lambda t: t.expand(5, 8)),  # broadcast rows (stride 0)
+        ((8,), lambda t: t),  # one row
+        ((4, 1, 3, 8), lambda t: t[::2]),  # stepped leading dim
+    ],
+)
+def test_row_stride_agrees_with_torch_view(shape, make):
+    t = make(torch.zeros(shape))
+    n = t.shape[-1]
+    rs = _row_stride(t)
+    try:
+        v = t.view(-1, n)
+    except RuntimeError:  # not viewable as rows: the launchers must copy
+        assert rs == -1
+        return
+    if v.stride(1) != 1 and n > 1:
+        assert rs == -1
+    else:
+        assert rs == (v.stride(0) if v.shape[0] > 1 else rs)
+
+
+def test_inference_call_builds_no_graph():
+    x, w, _ = _case([2, 3], 50, torch.float32, 1.0, 11)
+    with qkern.backend("triton"):
+        y_grad = rms_norm(x, w)
+        with torch.no_grad():
+            y_ng = rms_norm(x, w)
+        y = rms_norm(x.detach(), w.detach())
+    assert y.grad_fn is None and y_ng.grad_fn is None and y_grad.grad_fn is not None
+    assert torch.equal(y, y_grad.detach()) and torch.equal(y_ng, y)
+
+
 def test_output_dtype_is_input_dtype_with_fp32_weight():
     x = torch.randn(4, 16, dtype=torch.float16, device=DEV)
     w = torch.rand(16, dtype=torch.float32, device=DEV) + 0.5
@@ -175,6 +236,120 @@ def test_bad_inputs():
         rms_norm(torch.tensor(1.0), torch.ones(1))
     with pytest.raises(ValueError, match="hidden_size"):
         RMSNorm(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# host path: repeated calls launch the cached compiled kernels directly
+# ----------------------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for a compiled kernel (qkern.nf4._launch caches what a JIT run returns) and
+    records the direct launches it receives."""
+
+    packed_metadata = None
+
+    def __init__(self, jit, log: list) -> None:
+        self.jit, self.log = jit, log
+
+    def __getitem__(self, grid):
+        return lambda *args, stream=None: self.log.append((self.jit, grid, args))
+
+
+def direct_launch_counts(monkeypatch, module, jits, tuners, step):
+    """Run ``step`` three times with qkern.nf4's direct launches switched on, as on a GPU, but
+    with every JIT kernel of ``module`` replaced by a recorder (no kernel runs: only the
+    dispatch is looked at). Returns the JIT and autotuner runs of the third call and its direct
+    launches as (jit, grid, args)."""
+    from types import SimpleNamespace
+
+    from qkern import nf4
+
+    driver = SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda dev: 0)
+    monkeypatch.setattr(nf4, "_DIRECT", {"on": True})
+    monkeypatch.setattr(nf4, "_driver", SimpleNamespace(active=driver))
+    monkeypatch.setattr(module, "_COMPILED", {})
+    monkeypatch.setattr(module, "_PLANS", {})
+    counts = {"jit": 0, "tuner": 0}
+    log: list = []
+    for jit in jits:
+
+        def run(*args, grid, warmup, _jit=jit, **kwargs):
+            counts["jit"] += 1
+            return _Recorder(_jit, log)
+
+        monkeypatch.setattr(jit, "run", run)
+    for tuner in tuners:
+
+        def tuned(*args, _run=tuner.run, **kwargs):
+            counts["tuner"] += 1
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(tuner, "run", tuned)
+    # first call: the autotuners pick their configs; second: the JIT returns the compiled
+    # kernels that nf4._launch caches (kernels without a tuner are cached on the first call)
+    step()
+    step()
+    first = dict(counts)
+    counts.update(jit=0, tuner=0)
+    log.clear()
+    step()
+    assert first["jit"] > 0
+    for jit, grid, args in log:  # every parameter in signature order, a 3-D grid
+        assert len(grid) == 3 and len(args) == len(jit.arg_names)
+    return counts, log
+
+
+def count_jit_runs(monkeypatch, jits, tuners, step) -> dict:
+    """Run ``step`` once more with pass-through counters on the JIT and autotuner entries."""
+    counts = {"jit": 0, "tuner": 0}
+    for name, objs in (("jit", jits), ("tuner", tuners)):
+        for obj in objs:
+
+            def counted(*args, _run=obj.run, _name=name, **kwargs):
+                counts[_name] += 1
+                return _run(*args, **kwargs)
+
+            monkeypatch.setattr(obj, "run", counted)
+    step()
+    return counts
+
+
+_JITS = [
+    rms_mod._rms_norm_fwd_kernel,
+    rms_mod._rms_norm_bwd_dx_kernel,
+    rms_mod._rms_norm_bwd_dw_kernel.fn,
+    rms_mod._rms_norm_dw_sum_kernel,
+]
+_TUNERS = [rms_mod._rms_norm_bwd_dw_kernel]
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="simulates the GPU launch path on CPU")
+@pytest.mark.parametrize("w_grad", [True, False])
+def test_repeated_call_launches_directly(monkeypatch, w_grad):
+    x, w, dy = _case([2, 3], 40, torch.float32, 1.0, 9, w_grad)
+
+    def step():
+        with qkern.backend("triton"):
+            _grads(rms_norm, x, w, dy)
+
+    counts, log = direct_launch_counts(monkeypatch, rms_mod, _JITS, _TUNERS, step)
+    assert counts == {"jit": 0, "tuner": 0}
+    kernels = [jit for jit, _, _ in log]
+    if w_grad:  # forward, dx+dW partials, partial sum
+        assert kernels == [_JITS[0], _JITS[2], _JITS[3]]
+    else:
+        assert kernels == [_JITS[0], _JITS[1]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("w_grad", [True, False])
+def test_repeated_call_launches_directly_gpu(monkeypatch, w_grad):
+    x, w, dy = _case([3, 500], 4096, torch.bfloat16, 1.0, 10, w_grad)
+    for _ in range(3):  # tune, JIT run (caches the compiled kernel), direct launch
+        _check_against_fp64(x, w, dy)
+    counts = count_jit_runs(monkeypatch, _JITS, _TUNERS, lambda: _check_against_fp64(x, w, dy))
+    assert counts == {"jit": 0, "tuner": 0}
 
 
 @pytest.mark.gpu

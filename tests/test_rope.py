@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -10,8 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import qkern
+from qkern._backend import interpreter_enabled
 from qkern.rope import _rope_launch, apply_rope, apply_rope_ref, rope_cos_sin, rope_inv_freq
 from tests.helpers import assert_close_rule, kernel_device, poisoned
+from tests.test_rms_norm import count_jit_runs, direct_launch_counts
+
+rope_mod = importlib.import_module("qkern.rope")  # the package exports a function of that name
 
 DEV = kernel_device()
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -201,6 +206,18 @@ def test_inplace_writes_into_q_and_k():
     assert_close_rule(ko, kr, atol=1e-5)
 
 
+def test_inference_call_builds_no_graph():
+    q, k, cos, sin = _qk(2, 5, 4, 2, 16, torch.float32, 15)
+    with qkern.backend("triton"):
+        qg, kg = apply_rope(q.clone().requires_grad_(), k, cos, sin)
+        qo, ko = apply_rope(q, k, cos, sin)
+        with torch.no_grad():
+            qn, kn = apply_rope(q.clone().requires_grad_(), k, cos, sin)
+    assert qo.grad_fn is None and qn.grad_fn is None and qg.grad_fn is not None
+    for a, b in ((qo, qg.detach()), (ko, kg.detach()), (qn, qo), (kn, ko)):
+        assert torch.equal(a, b)
+
+
 def test_cos_and_sin_with_different_strides():
     # one stride pair is passed for both tables: tables laid out differently are made contiguous
     q, k, cos, sin = _qk(2, 5, 4, 2, 16, torch.float32, 12)
@@ -276,6 +293,39 @@ def test_bad_inputs():
         apply_rope(q, k.half(), cos, sin)
     with pytest.raises(TypeError, match="q must have dtype"):
         apply_rope(q.to(torch.int32), k, cos, sin)
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="simulates the GPU launch path on CPU")
+def test_repeated_call_launches_directly(monkeypatch):
+    q, k, cos, sin = _qk(2, 3, 4, 2, 8, torch.float32, 13)
+    q.requires_grad_()
+    k.requires_grad_()
+
+    def step():
+        with qkern.backend("triton"):
+            qo, ko = apply_rope(q, k, cos, sin)
+        torch.autograd.grad((qo, ko), (q, k), (torch.ones_like(qo), torch.ones_like(ko)))
+
+    counts, log = direct_launch_counts(monkeypatch, rope_mod, [rope_mod._rope_kernel], [], step)
+    assert counts == {"jit": 0, "tuner": 0}
+    assert len(log) == 2  # forward and backward, one launch each
+
+
+@pytest.mark.gpu
+def test_repeated_call_launches_directly_gpu(monkeypatch):
+    q, k, cos, sin = _qk(2, 300, 32, 8, 128, torch.bfloat16, 14)
+    for _ in range(2):  # JIT run (caches the compiled kernel), then a direct launch
+        _check(q, k, cos, sin)
+    step = lambda: _check(q, k, cos, sin)  # noqa: E731
+    assert count_jit_runs(monkeypatch, [rope_mod._rope_kernel], [], step) == {"jit": 0, "tuner": 0}
+
+
+@pytest.mark.gpu
+def test_sequence_lengths_past_the_launch_cache_bound_gpu(monkeypatch):
+    # the launch cache holds S and the batch strides by value and is emptied past its bound
+    monkeypatch.setattr(rope_mod, "_MAX_COMPILED", 2)
+    for s in (5, 17, 64, 5, 300, 17):
+        _check(*_qk(2, s, 8, 2, 64, torch.bfloat16, s))
 
 
 @pytest.mark.gpu

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import qkern
+from qkern._backend import interpreter_enabled
 from qkern.swiglu import swiglu, swiglu_backward_2d, swiglu_forward_2d, swiglu_ref
 from tests.helpers import assert_close_rule, kernel_device, poisoned
+from tests.test_rms_norm import count_jit_runs, direct_launch_counts
+
+sw_mod = importlib.import_module("qkern.swiglu")  # the package exports a function of that name
+_JITS = [sw_mod._FWD_JIT, sw_mod._BWD_JIT]
+_TUNERS = [sw_mod._swiglu_fwd_kernel, sw_mod._swiglu_bwd_kernel]
 
 DEV = kernel_device()
 # the interpreter evaluates exp(-g) with numpy, which warns when it saturates to inf (sigmoid -> 0)
@@ -64,6 +72,30 @@ def test_views_of_fused_gate_up():
     assert not gate.is_contiguous()
     _check(gate, up, dh[:, :300].contiguous())
     _check(gate, up, dh[:, :300].contiguous(), inplace_backward=True)
+
+
+def test_strided_rows_of_3d_views():
+    # gate and up as halves of a (2, 3, 2n) projection: rows collapse with stride 2n, so the
+    # kernels read (and, in place, write) them without a copy
+    gu, _, dh = _case((2, 3, 2 * 130), torch.float32, 2.0, 8)
+    gate, up = gu.chunk(2, dim=-1)
+    dh = dh[..., :130].contiguous()
+    _check(gate, up, dh)
+    _check(gate, up, dh, inplace_backward=True)
+    _check(gate.transpose(0, 1), up.transpose(0, 1), dh.transpose(0, 1).contiguous())  # copies
+
+
+def test_inference_call_builds_no_graph():
+    gate, up, _ = _case((2, 3, 70), torch.float32, 2.0, 12)
+    with qkern.backend("triton"):
+        h = swiglu(gate, up)  # no input needs a gradient: no autograd node
+        g1 = gate.clone().requires_grad_()
+        with torch.no_grad():
+            h_ng = swiglu(g1, up)
+        h_grad = swiglu(g1, up)
+    assert h.grad_fn is None and h_ng.grad_fn is None and h_grad.grad_fn is not None
+    assert torch.equal(h, h_grad.detach()) and torch.equal(h_ng, h)
+    assert_close_rule(h, swiglu_ref(gate.double(), up.double()), swiglu_ref(gate, up), atol=1e-5)
 
 
 def test_inplace_backward_reuses_buffers_and_blocks_second_backward():
@@ -133,6 +165,43 @@ def test_bad_inputs():
         swiglu(a.to(torch.int32), a)
     with pytest.raises(ValueError, match="at least one dimension"):
         swiglu(torch.tensor(1.0), torch.tensor(1.0))
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="simulates the GPU launch path on CPU")
+@pytest.mark.parametrize("inplace", [False, True])
+def test_repeated_call_launches_directly(monkeypatch, inplace):
+    gate, up, dh = _case((2, 3, 100), torch.float32, 1.0, 9)
+
+    def step():
+        with qkern.backend("triton"):
+            _fwd_bwd(gate, up, dh, lambda a, b: swiglu(a, b, inplace_backward=inplace))
+
+    counts, log = direct_launch_counts(monkeypatch, sw_mod, _JITS, _TUNERS, step)
+    assert counts == {"jit": 0, "tuner": 0}
+    assert [jit for jit, _, _ in log] == _JITS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("inplace", [False, True])
+def test_repeated_call_launches_directly_gpu(monkeypatch, inplace):
+    gate, up, dh = _case((4, 1000, 1024), torch.bfloat16, 2.0, 10)
+    for _ in range(3):  # tune, JIT run (caches the compiled kernel), direct launch
+        _check(gate, up, dh, inplace_backward=inplace)
+    step = lambda: _check(gate, up, dh, inplace_backward=inplace)  # noqa: E731
+    assert count_jit_runs(monkeypatch, _JITS, _TUNERS, step) == {"jit": 0, "tuner": 0}
+
+
+@pytest.mark.gpu
+def test_fused_mlp_aliasing_first_call_gpu():
+    # the first call of a shape runs the autotuner with h written over g (as the fused MLP
+    # does): restore_value must give every timed candidate the original g
+    gate, up, _ = _case((64, 4096 + 8), torch.bfloat16, 2.0, 11)
+    want = swiglu_ref(gate.double(), up.double())
+    for _ in range(3):  # tuned, JIT, direct
+        g = gate.clone()
+        h = swiglu_forward_2d(g, up, out=g)
+        assert h is g
+        assert_close_rule(h, want, swiglu_ref(gate, up), atol=1e-2)
 
 
 @pytest.mark.gpu
