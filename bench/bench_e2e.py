@@ -316,15 +316,23 @@ def _graph_train_steps(
     labels = shifted_labels(ids)
     # the same steps eagerly from the same adapter weights, as the check that the replayed graph
     # trains exactly as the eager code does (losses compared below)
+    # (on the side stream the warm-up uses: autograd keeps each leaf's gradient accumulator with
+    # the stream it last ran on, and one left on the legacy default stream cannot be joined to
+    # the capture below)
     start = [p.detach().clone() for p in params]
     opt = make_optimizer(params, case.optim, capturable=True)
     eager_losses = []
-    for _ in range(warmup + 1 + steps):
-        opt.zero_grad(set_to_none=True)
-        loss = model.loss(ids, labels)
-        loss.backward()
-        opt.step()
-        eager_losses.append(loss.detach().clone())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup + 1 + steps):
+            opt.zero_grad(set_to_none=True)
+            loss = model.loss(ids, labels)
+            loss.backward()
+            opt.step()
+            eager_losses.append(loss.detach().clone())
+        del loss
+    torch.cuda.current_stream().wait_stream(side)
     eager_losses = [float(x) for x in eager_losses]
     with torch.no_grad():
         for p, p0 in zip(params, start):
@@ -334,7 +342,6 @@ def _graph_train_steps(
     _free()
     torch.cuda.reset_peak_memory_stats()
     losses = []
-    side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup + 1):
@@ -343,6 +350,7 @@ def _graph_train_steps(
             loss.backward()
             opt.step()
             losses.append(loss.detach().clone())
+        del loss
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
