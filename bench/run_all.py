@@ -45,6 +45,7 @@ SUITE = [
     "optim8bit",
     "generate",
     "load",
+    "sft",
     "e2e",
 ]
 
