@@ -670,7 +670,7 @@ class _Storage:
 
     def __init__(self, device, entries: list[tuple[int, torch.Tensor, bool]], groups, state):
         self.device = device
-        self.signature = tuple((gi, id(p), quant) for gi, p, quant in entries)
+        self.signature = tuple((gi, id(p), p.dtype, p.numel(), quant) for gi, p, quant in entries)
         self.state = state
         buckets: dict[tuple, _Bucket] = {}
         where = []
@@ -805,6 +805,7 @@ class _DevicePlan:
             host_ptrs=None,  # the addresses last uploaded
             aligned=False,
             param_ptrs=None,  # the parameters' own addresses when their layout was last checked
+            param_shapes=[(p.dtype, p.numel()) for p in self.params],  # what the tables assume
             noncontig=[],
             updates=updates,
             checks=checks,
@@ -839,6 +840,11 @@ class _DevicePlan:
                     gptrs[t] = hold[-1].data_ptr()
         pptrs = list(map(_DATA_PTR, params))
         if pptrs != kt["param_ptrs"]:  # first step, or a parameter was given new storage
+            # new storage may also mean a new dtype or size (p.data = p.data.half()): the
+            # tables and state layout were built for the old ones, so the plan must be rebuilt
+            shapes = [(p.dtype, p.numel()) for p in params]
+            if kt["param_shapes"] != shapes:
+                return None
             kt["param_ptrs"] = pptrs
             kt["noncontig"] = [t for t, p in enumerate(params) if not p.is_contiguous()]
         work = []
@@ -991,7 +997,7 @@ class AdamW8bit(torch.optim.Optimizer):
         storage = {}
         for dev, ents in entries.items():
             old = self._storage.get(dev)
-            signature = tuple((gi, id(p), quant) for gi, p, quant in ents)
+            signature = tuple((gi, id(p), p.dtype, p.numel(), quant) for gi, p, quant in ents)
             if old is not None and old.holds(signature, self.state):
                 storage[dev] = old
             else:
@@ -1002,6 +1008,12 @@ class AdamW8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "AdamW8bit.step cannot be captured in a CUDA graph (its pointer tables are "
+                "uploaded from the host when tensors change); use torch.optim.AdamW(..., "
+                "capturable=True) for captured steps"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
