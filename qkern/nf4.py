@@ -527,6 +527,7 @@ def _get_offset(self: QuantState) -> float | None:
 
 def _set_offset(self: QuantState, value: float | None) -> None:
     self.__dict__.pop("_pending_offset", None)
+    self.__dict__.pop("_pending_stream", None)
     self.__dict__["_offset"] = value
 
 
@@ -541,7 +542,21 @@ def _resolve_offset(state: QuantState) -> None:
     weight was not finite; the mean is +inf only when the sum of finite absmax values
     overflows. On an error the value stays pending, so every later use raises again.
     """
-    pending = state.__dict__["_pending_offset"]
+    d = state.__dict__
+    pending = d.get("_pending_offset")
+    if pending is None:  # another thread settled it meanwhile
+        return
+    if pending.is_cuda:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "the first use of a QuantState from quantize_4bit reads one value back from the "
+                "GPU, which a CUDA graph capture cannot contain: use the state (or read "
+                "state.offset) once before capturing"
+            )
+        # quantize_4bit may have run on another stream than this first use: wait for it
+        stream = d.get("_pending_stream")
+        if stream is not None and stream != torch.cuda.current_stream(pending.device):
+            stream.synchronize()
     value = pending.max().item() if pending.dim() else pending.item()
     if math.isnan(value):
         raise ValueError(
@@ -550,8 +565,9 @@ def _resolve_offset(state: QuantState) -> None:
         )
     if math.isinf(value):
         raise ValueError("mean of the block absmax overflows float32; w is too large to quantize")
-    del state.__dict__["_pending_offset"]
-    state.__dict__["_offset"] = None if pending.dim() else value
+    d["_offset"] = None if pending.dim() else value
+    d.pop("_pending_offset", None)
+    d.pop("_pending_stream", None)
 
 
 # ``offset`` is a dataclass field read and written through this property (installed after the
@@ -1807,6 +1823,8 @@ def _quantize_call(plan: _QuantPlan, w: torch.Tensor) -> tuple[torch.Tensor, Qua
     else:
         d["absmax"] = absmax
         d["_pending_offset"] = absmax  # checked for NaN on first use (_resolve_offset)
+    if w.is_cuda:  # the stream the first use must wait for, if it runs on another one
+        d["_pending_stream"] = torch.cuda.current_stream(w.device)
     return packed, state
 
 

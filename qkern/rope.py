@@ -405,6 +405,7 @@ def _valid(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         and qsh[3] % 2 == 0
         and qsh[3] <= 1024
         and sin.shape == csh
+        and len(csh) in (2, 3)
         and csh[-1] * 2 == qsh[3]
         and (
             (len(csh) == 2 and csh[0] == qsh[1])

@@ -293,6 +293,9 @@ def test_bad_inputs():
         apply_rope(q, k.half(), cos, sin)
     with pytest.raises(TypeError, match="q must have dtype"):
         apply_rope(q.to(torch.int32), k, cos, sin)
+    for scalar in (torch.tensor(1.0), torch.ones(8)):  # 0-D / 1-D tables: a named error
+        with pytest.raises(ValueError, match="cos/sin must have shape"):
+            apply_rope(q, k, scalar.to(DEV), scalar.to(DEV))
 
 
 @pytest.mark.skipif(not interpreter_enabled(), reason="simulates the GPU launch path on CPU")
