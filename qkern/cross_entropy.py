@@ -1182,7 +1182,7 @@ def _flce_chunk_rows(
     rows: int, vocab: int, hidden: int, elt: int, dw: bool, device: torch.device
 ) -> int:
     """Rows per chunk: the override, else the cheapest multiple of 256 rows within the budget
-    under the wave model above (2048 for both heads at T = 8192, H = 4096, V = 128256 in bf16)."""
+    under the wave model above (1024 for both heads at T = 8192, H = 4096, V = 128256 in bf16)."""
     if _FLCE_CHUNK_ROWS is not None:
         return max(1, min(rows, int(_FLCE_CHUNK_ROWS)))
     if rows == 0:

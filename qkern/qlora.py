@@ -94,9 +94,11 @@ from qkern.nf4 import (
 # its cost is the dequant ALU per weight (FMA GEMV for M <= 2, tensor cores for M <= 32 in one
 # row tile), flat in M up to 32 rows and growing per 32-row tile after that, while dequant +
 # cuBLAS costs ~10 µs (4096x4096) / ~35 µs (14336x4096) of dequant on an H200 plus a bf16 GEMM
-# that is flat in M. Predicted crossover ~64-128 rows; 32 keeps a wide margin on both shapes.
-# bench_qlora's "crossover" rows measure it on the card.
-NF4_MATMUL_MAX_M = 32
+# that is flat in M. Measured on an H200 (bench_qlora's "crossover" rows): the fused kernel still
+# wins at 16 rows (27.3 vs 27.7 µs at 4096x4096, 58.6 vs 80.9 µs at 14336x4096) and loses at 32
+# (32.3 vs 28.3, 81.0 vs 78.3 µs), so the switch is at 16 (the prediction, 64-128, was wrong:
+# the kernel costs 3-4x what its instruction count suggested).
+NF4_MATMUL_MAX_M = 16
 
 # Order of the two GEMMs that produce y in the large-M forward (and dX in the backward):
 # True: the skinny LoRA GEMM writes s·t·Bᵀ (+bias) into y, then the big GEMM accumulates into it
