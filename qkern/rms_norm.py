@@ -297,8 +297,13 @@ def _ik(v: int) -> int:
 
 
 def _align_bits(*ptrs: int) -> int:
-    """Bit i set when pointer i is not 16-byte aligned (Triton specializes pointers on that).
-    Callers first test the OR of all pointers, so the common all-aligned case costs one test."""
+    """Bit i set when pointer i is not 16-byte aligned (Triton specializes pointers on that); the
+    common all-aligned case costs one OR per pointer and one test."""
+    acc = 0
+    for p in ptrs:
+        acc |= p
+    if not acc & 15:
+        return 0
     bits = 0
     for i, p in enumerate(ptrs):
         if p & 15:
@@ -342,8 +347,7 @@ def _fwd_launch(x, sx: int, m: int, n: int, weight, eps: float, y, rstd) -> None
     """The forward kernel on m rows of x (row stride sx) into y (contiguous) and rstd."""
     pk = ("fwd", n, x.dtype, weight.dtype, y.dtype, rstd.dtype)
     rows, meta = _PLANS.get(pk) or _fwd_plan(pk)
-    xp, wp, yp, rp = x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr()
-    al = (xp | wp | yp | rp) & 15 and _align_bits(xp, wp, yp, rp)
+    al = _align_bits(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr())
     _launch(
         _rms_norm_fwd_kernel,
         (-(-m // rows), 1, 1),
@@ -354,18 +358,18 @@ def _fwd_launch(x, sx: int, m: int, n: int, weight, eps: float, y, rstd) -> None
     )
 
 
+def _bwd_align(dy, x, weight, rstd, dx) -> int:
+    """The pointer-alignment part of both backward kernels' launch keys."""
+    return _align_bits(
+        dy.data_ptr(), x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), dx.data_ptr()
+    )
+
+
 def _dx_launch(dy, sdy: int, x, sx: int, m: int, n: int, weight, rstd, dx) -> None:
     """Backward without dW: dx (contiguous) only, ROWS rows per program."""
     pk = ("dx", n, x.dtype, weight.dtype, dy.dtype, dx.dtype)
     rows, meta = _PLANS.get(pk) or _fwd_plan(pk)
-    dyp, xp, wp, rp, dxp = (
-        dy.data_ptr(),
-        x.data_ptr(),
-        weight.data_ptr(),
-        rstd.data_ptr(),
-        dx.data_ptr(),
-    )
-    al = (dyp | xp | wp | rp | dxp) & 15 and _align_bits(dyp, xp, wp, rp, dxp)
+    al = _bwd_align(dy, x, weight, rstd, dx)
     _launch(
         _rms_norm_bwd_dx_kernel,
         (-(-m // rows), 1, 1),
@@ -420,14 +424,7 @@ def _dw_launch(dy, sdy: int, x, sx: int, m: int, n: int, weight, rstd, dx) -> to
         if programs > cap:
             programs = cap
         part = x.new_empty((programs, n), dtype=_acc_dtype(x.dtype))
-        dyp, xp, wp, rp, dxp = (
-            dy.data_ptr(),
-            x.data_ptr(),
-            weight.data_ptr(),
-            rstd.data_ptr(),
-            dx.data_ptr(),
-        )
-        al = (dyp | xp | wp | rp | dxp) & 15 and _align_bits(dyp, xp, wp, rp, dxp)
+        al = _bwd_align(dy, x, weight, rstd, dx)
         _launch(
             _rms_norm_bwd_dw_kernel.fn,
             (programs, 1, 1),
@@ -438,14 +435,13 @@ def _dw_launch(dy, sdy: int, x, sx: int, m: int, n: int, weight, rstd, dx) -> to
         )
     programs = part.shape[0]
     dw = torch.empty_like(weight)
-    pp, wp = part.data_ptr(), dw.data_ptr()
     _launch(
         _rms_norm_dw_sum_kernel,
         (-(-n // sum_n), 1, 1),
         (part, dw, programs, n),
         sum_meta,
         _COMPILED,
-        ("sum", pk, _ik(programs), (pp | wp) & 15 and _align_bits(pp, wp)),
+        ("sum", pk, _ik(programs), _align_bits(part.data_ptr(), dw.data_ptr())),
     )
     return dw
 

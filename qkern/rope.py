@@ -280,8 +280,9 @@ def _launch_rope(q, qs, k, ks, qo, ko, cos, sin, scb: int, scs: int, backward: b
     pk = (hq, hk, d, q.dtype, backward, k.dtype, qo.dtype, ko.dtype, cos.dtype, sin.dtype)
     meta = _PLANS.get(pk) or _plan(pk)
     qos, kos = qo.stride(), ko.stride()
-    p = (q.data_ptr(), k.data_ptr(), qo.data_ptr(), ko.data_ptr(), cos.data_ptr(), sin.data_ptr())
-    al = (p[0] | p[1] | p[2] | p[3] | p[4] | p[5]) & 15 and _align_bits(*p)
+    al = _align_bits(
+        q.data_ptr(), k.data_ptr(), qo.data_ptr(), ko.data_ptr(), cos.data_ptr(), sin.data_ptr()
+    )
     if len(_COMPILED) > _MAX_COMPILED:
         _COMPILED.clear()
     _launch(

@@ -206,8 +206,7 @@ def _fwd(g, u, h, m: int, n: int, sg: int, su: int, sh: int) -> None:
         _plan(pk, _swiglu_fwd_kernel, n, {"ACC": acc})
         return
     rows, block_n, meta = plan
-    gp, up, hp = g.data_ptr(), u.data_ptr(), h.data_ptr()
-    al = (gp | up | hp) & 15 and _align_bits(gp, up, hp)
+    al = _align_bits(g.data_ptr(), u.data_ptr(), h.data_ptr())
     _launch(
         _FWD_JIT,
         (-(-m // rows), -(-n // block_n), 1),
@@ -230,8 +229,9 @@ def _bwd(dh, g, u, dg, du, hout, m: int, n: int, strides: tuple, store_h: bool) 
         _plan(pk, _swiglu_bwd_kernel, n, {"ACC": acc, "STORE_H": store_h})
         return
     rows, block_n, meta = plan
-    p = (dh.data_ptr(), g.data_ptr(), u.data_ptr(), dg.data_ptr(), du.data_ptr(), hout.data_ptr())
-    al = (p[0] | p[1] | p[2] | p[3] | p[4] | p[5]) & 15 and _align_bits(*p)
+    al = _align_bits(
+        dh.data_ptr(), g.data_ptr(), u.data_ptr(), dg.data_ptr(), du.data_ptr(), hout.data_ptr()
+    )
     _launch(
         _BWD_JIT,
         (-(-m // rows), -(-n // block_n), 1),
