@@ -35,6 +35,17 @@ settings.register_profile(
 settings.load_profile(os.environ.get("QKERN_HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one CPU thread for a module of tiny-model tests: no OpenMP spin-waits on a busy
+    2-core machine, and CPU results that do not depend on the machine's core count. Modules opt
+    in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -15,13 +15,8 @@ from qkern_train.demo import build_tokenizer
 from qkern_train.model import ModelConfig, build_model
 from qkern_train.plotting import read_png_size
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny matmuls: one thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,14 +30,8 @@ GOLDEN = Path(__file__).resolve().parent / "fixtures" / "golden" / "sft_tiny.jso
 QUIET = OutputSection(progress_bar=False, plot=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls: one thread is faster (no OpenMP spin-waits on a busy 2-core machine) and
-    # makes the CPU results independent of the machine's core count
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny matmuls: one thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed=0):
