@@ -231,6 +231,51 @@ def _decode_lora_rows(n: int, k: int, packed, state, w) -> list[Row]:
     return rows
 
 
+def _config_name(cfg: dict | None) -> str:
+    """A short name of an nf4_matmul configuration, e.g. fma-n64-v16-u4-d1-w4-s8."""
+    if cfg is None:
+        return "fallback"
+    kind = "dot" if cfg["DOT"] else "fma"
+    return (
+        f"{kind}-n{cfg['BLOCK_N']}-v{cfg['VEC']}-u{cfg['UNROLL']}-d{cfg['DECODE']}"
+        f"-w{cfg['num_warps']}-s{cfg['PER_SM']}"
+    )
+
+
+def _variant_rows(n: int, k: int) -> list[Row]:
+    """GPU time of every nf4_matmul candidate (forced) at M = 1, 2, 8, 16: the side-by-side
+    comparison behind the tuner's choice, with a cold L2 (see _gpu_us)."""
+    import qkern.qlora as ql
+
+    rows = []
+    _, packed, state, w = _quantized(n, k)
+    nbytes = packed.numel() + state.absmax.numel() * state.absmax.element_size()
+    try:
+        for m in (1, 2, 8, 16):  # the M the tuner already compiled for
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ w.float().t()
+            for cfg in ql._nf4_candidates(m):
+                ql.NF4_MATMUL_CONFIG = cfg
+                ql._MM_CACHE.clear()  # a new entry with the forced configuration
+                y = ql.nf4_matmul(x, packed, state)
+                t = _gpu_us(lambda: ql.nf4_matmul(x, packed, state), n=10)  # noqa: B023
+                rows.append(
+                    Row(
+                        "nf4_matmul_variant",
+                        f"M={m} {n}x{k}",
+                        _config_name(cfg),
+                        t / 1e3,
+                        bytes=nbytes + (m * k + m * n) * 2,
+                        flops=2.0 * m * n * k,
+                        extra={"relerr": _rel(y, ref), "gpu_us": t},
+                    )
+                )
+    finally:
+        ql.NF4_MATMUL_CONFIG = None
+        ql._MM_CACHE.clear()
+    return rows
+
+
 def _small_m_case(n: int, k: int) -> list[Row]:
     import qkern.qlora as ql
 
@@ -279,6 +324,8 @@ def _small_m_case(n: int, k: int) -> list[Row]:
             "host_us_out": _host_us(lambda: ql.nf4_matmul(x, packed, state, out=out)),  # noqa: B023
             "gpu_us": _gpu_us(ours),
             "wall_us": _wall_us(ours),
+            # the configuration the tuner kept for this shape (see qlora._NF4_MM_CONFIGS)
+            "config": _config_name(ql._mm_lookup(x, packed, state, None).config),
         }
         if bnb is not None:
 
@@ -353,6 +400,7 @@ def run(ceilings: Ceilings | None) -> list[Row]:
     rows = []
     for n, k in SMALL_M_SHAPES:
         rows += _small_m_case(n, k)
+        rows += _variant_rows(n, k)
         torch.cuda.empty_cache()
     for k, n in TRAIN_SHAPES:
         rows += _train_case(k, n)

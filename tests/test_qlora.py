@@ -485,6 +485,99 @@ def test_nf4_matmul_bad_inputs():
         nf4_matmul(x, packed, state, bias=torch.randn(7))
 
 
+@pytest.mark.parametrize("cfg", range(len(qlora._NF4_MM_CONFIGS)))
+@pytest.mark.parametrize("case", [(1, 37, 192, 64, torch.float16), (3, 70, 160, 64, torch.float32)])
+def test_nf4_matmul_every_config(monkeypatch, cfg, case):
+    # each candidate the GPU tuner may pick, forced: odd N (a partial row tile), K = 3 or 5
+    # sub-chunks (a partial unrolled iteration), blocksize 64 with K % 64 != 0 (32-element
+    # sub-chunks whose quant blocks cross rows); the interpreter's 4 "SMs" give split-K grids
+    m, n, k, bs, dtype = case
+    config = qlora._NF4_MM_CONFIGS[cfg]
+    if config["DOT"]:
+        m = m + 13  # the tensor-core variants are candidates from M = 2 on; 14 and 16 rows here
+    elif m > qlora._FMA_MAX_M:
+        pytest.skip("FMA variants apply to small M only")
+    monkeypatch.setattr(qlora, "NF4_MATMUL_CONFIG", config)
+    dev = kernel_device()
+    packed, state, w64 = _weight(n, k, blocksize=bs, seed=cfg, device=dev)
+    g = torch.Generator().manual_seed(cfg)
+    x = torch.randn(m, k, generator=g).to(dtype).to(dev)
+    bias = torch.randn(n, generator=g).to(dtype).to(dev)
+    with qkern.backend("triton"):
+        y = nf4_matmul(x, packed, state, bias, out=poisoned((m, n), dtype, dev))
+        entry = qlora._mm_lookup(x, packed, state, bias)
+        y1 = nf4_matmul(x[:1], packed, state)
+    assert entry.config is config
+    ref64 = x.double().cpu() @ w64.t() + bias.double().cpu()
+    same = (x.cpu().float() @ w64.float().t().to(dtype).float()).to(dtype) + bias.cpu()
+    assert_close_rule(y, ref64, same, atol=_atol(ref64, dtype))
+    assert_close_rule(y1, ref64[:1] - bias.double().cpu(), atol=_atol(ref64, dtype) + 1e-3)
+
+
+def test_nf4_matmul_tuner_runs_every_candidate(monkeypatch):
+    # the one-time tuning of a shape (GPU only in real use: the interpreter has one candidate)
+    # builds a trial launch per candidate and keeps the fastest; a fake timer runs each trial
+    # once, checks its output, and reports the candidates in reverse order of speed
+    import triton.testing
+
+    dev = kernel_device()
+    m, n, k = 3, 40, 128
+    packed, state, w64 = _weight(n, k, blocksize=64, seed=7, device=dev)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(7)).to(dev)
+    ref64 = x.double().cpu() @ w64.t()
+    cands = qlora._nf4_candidates(m)
+    assert len(cands) >= 2
+    seen = []
+
+    def fake_bench(fn, **kw):
+        seen.append(len(seen))
+        fn()
+        return float(len(cands) - len(seen))  # the last candidate timed is the "fastest"
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(qlora, "pick_configs", lambda c: c)
+    monkeypatch.setattr(qlora, "_NF4_TUNED", {})
+    with qkern.backend("triton"):
+        y = nf4_matmul(x, packed, state)
+        entry = qlora._mm_lookup(x, packed, state, None)
+    assert len(seen) == len(cands)
+    assert entry.config is cands[-1]
+    assert_close_rule(y, ref64, (x @ w64.float().t().to(dev)).cpu(), atol=1e-4)
+
+
+@given(
+    m=st.integers(1, 16),
+    n=st.integers(1, 80),
+    k32=st.integers(1, 9),
+    bs=st.sampled_from([32, 64, 128]),
+    half=st.booleans(),
+)
+def test_nf4_matmul_small_m_shapes(m, n, k32, bs, half):
+    # M = 1..16 rows (FMA variants up to _FMA_MAX_M, tensor cores above), any N, K a multiple
+    # of 32 (32- or 64-element sub-chunks, blocks of 32..128 that may straddle rows)
+    k = 32 * k32
+    dtype = torch.float16 if half else torch.float32
+    dev = kernel_device()
+    packed, state, w64 = _weight(n, k, blocksize=bs, seed=n + k, device=dev)
+    assert nf4_matmul_supported(k, state)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).to(dev)
+    with qkern.backend("triton"):
+        y = nf4_matmul(x, packed, state, out=poisoned((m, n), dtype, dev))
+    ref64 = x.double().cpu() @ w64.t()
+    same = (x.cpu().float() @ w64.float().t().to(dtype).float()).to(dtype)
+    assert_close_rule(y, ref64, same, atol=_atol(ref64, dtype))
+
+
+def test_nf4_matmul_candidates_cover_small_m():
+    # every M up to NF4_MATMUL_MAX_M has candidates; FMA ones stop at _FMA_MAX_M, tensor-core
+    # ones start at 2 rows; the forced configuration is the only one a new entry uses
+    for m in range(1, qlora.NF4_MATMUL_MAX_M + 1):
+        cands = qlora._nf4_candidates(m)
+        assert cands
+        assert all(c["DOT"] or m <= qlora._FMA_MAX_M for c in cands)
+        assert any(c["DOT"] for c in cands) == (m >= 2)
+
+
 def _record_host_path(monkeypatch):
     """Stub the kernel launch of nf4_matmul and record it, plus every aten op run meanwhile."""
     from torch.utils._python_dispatch import TorchDispatchMode
