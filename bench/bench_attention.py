@@ -20,11 +20,19 @@ SDPA gets K/V with ``enable_gqa=True`` where the backend takes it; otherwise K/V
 varlen baseline is SDPA-flash looping over the documents (what a trainer without a varlen kernel
 does). Decode compares against SDPA without a causal mask, which is the same thing for one query
 aligned to the last key.
+
+Kernel variants: the forward, dK/dV and dQ kernels autotune over plain pointer-load candidates,
+TMA tensor-descriptor candidates and (when a child-process probe shows this Triton lowers and
+runs them correctly on this card) warp-specialized TMA candidates. The qkern rows report the
+winning config of each kernel (``cfg_fwd``/``cfg_dkdv``/``cfg_dq``), the best time of each
+variant from the autotuner's timings (``var_<kernel>``, ms by variant), the probe's answer
+(``ws``) and the autotuning wall time of the case (``tune_s``).
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -84,6 +92,39 @@ def _sdpa_fn(backend, q, k, v, causal: bool):
         return run_repeat, "repeat", (q, krep, vrep)
 
 
+def _variant(cfg) -> str:
+    kw = cfg.kwargs
+    return "tma+ws" if kw.get("WS") else "tma" if kw.get("TMA") else "ptr"
+
+
+def _cfg_str(cfg) -> str:
+    tile = f"{cfg.kwargs.get('BLOCK_M')}x{cfg.kwargs.get('BLOCK_N')}"
+    return f"{tile} w{cfg.num_warps} s{cfg.num_stages} {_variant(cfg)}"
+
+
+def _tuning_report() -> dict:
+    """Winning config and best time per variant of the three dense kernels' last tuning."""
+    from qkern import attention as attn
+
+    out: dict = {}
+    for name, kernel in (
+        ("fwd", attn._attn_fwd_kernel),
+        ("dkdv", attn._attn_bwd_dkdv_kernel),
+        ("dq", attn._attn_bwd_dq_kernel),
+    ):
+        best = getattr(kernel, "best_config", None)
+        if best is not None:
+            out[f"cfg_{name}"] = _cfg_str(best)
+        by_variant: dict = {}
+        for cfg, t in (getattr(kernel, "configs_timings", None) or {}).items():
+            ms = t[0] if isinstance(t, (list, tuple)) else t
+            v = _variant(cfg)
+            by_variant[v] = round(min(by_variant.get(v, float("inf")), float(ms)), 4)
+        if by_variant:
+            out[f"var_{name}"] = by_variant
+    return out
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -105,7 +146,11 @@ def _dense_rows(b: int, s: int, d: int) -> list[Row]:
     flops = _attn_flops(b, s, s, d, True)
     ours = lambda: flash_attention(q, k, v, causal=True)
     rows: list[Row] = []
+    tune_start = time.perf_counter()
     out = ours()
+    torch.autograd.grad(ours(), (q, k, v), do)  # tunes the backward kernels for this case
+    torch.cuda.synchronize()
+    tuning = {"tune_s": round(time.perf_counter() - tune_start, 1), **_tuning_report()}
     providers = {"qkern": (ours, "native", (q, k, v))}
     for name, backend in _sdpa_backends().items():
         try:
@@ -123,6 +168,8 @@ def _dense_rows(b: int, s: int, d: int) -> list[Row]:
         extra = {"gqa": note}
         if name == "qkern" and ref is not None:
             extra["rel_err_vs_sdpa"] = _rel_err(out, ref)
+        if name == "qkern":
+            extra.update(tuning, ws=_WS_STATE.get("ok"), ws_probe_s=_WS_STATE.get("probe_s"))
         rows.append(
             Row("attention", case + " fwd", name, fwd_ms[name], _attn_bytes(b, s, s, d, False),
                 flops, dict(extra))
@@ -190,41 +237,106 @@ def _varlen_rows(total: int = 16384, docs: int = 16, d: int = 128) -> list[Row]:
     return rows
 
 
-def _decode_rows(b: int = 8, sk: int = 8192, d: int = 128) -> list[Row]:
+# Decode cases (bf16, one query per sequence unless noted, 32 Q / 8 KV heads, D = 128): the
+# K/V read is the whole cost, bytes = 2·B·Sk·Hkv·D·2 (+ q and out); floor = bytes / copy rate
+# (~4,250 GB/s on the H200: 63 µs for B8 Sk8192); FLOPs (4·B·Hq·Sq·Sk·D) are < 2% of the matmul
+# floor. "ragged" is the packed (cu_seqlens_k) form generation uses once rows differ in length.
+_DECODE_CASES = (
+    # (batch, query positions, key lengths per sequence)
+    (8, 1, [8192] * 8),
+    (1, 1, [32768]),
+    (32, 1, [2048] * 32),
+    (8, 1, [8191, 1, 12000, 3000, 8192, 500, 16384, 4097]),
+)
+
+
+def _cfg_name(cfg) -> str:
+    kw = cfg.kwargs
+    return f"n{kw['BLOCK_N']}w{cfg.num_warps}s{cfg.num_stages}p{kw.get('PER_SM', 2)}"
+
+
+def _decode_case(b: int, sq: int, lks: list[int], d: int = 128) -> list[Row]:
+    from bench.common import kernel_ms
+    from qkern import attention as attn
     from qkern.attention import flash_attention
 
-    case = f"decode B{b} Sq1 Sk{sk} D{d} {HQ}/{HKV}h"
-    q = torch.randn(b, 1, HQ, d, device="cuda", dtype=DTYPE)
-    k = torch.randn(b, sk, HKV, d, device="cuda", dtype=DTYPE)
-    v = torch.randn(b, sk, HKV, d, device="cuda", dtype=DTYPE)
-    flops = _attn_flops(b, 1, sk, d, False)
-    nbytes = _attn_bytes(b, 1, sk, d, False)
-    ours = lambda: flash_attention(q, k, v, causal=True)
-    out = ours()
-    rows, times = [], {}
-    providers = {"qkern": (ours, "native", ())}
-    for name, backend in _sdpa_backends().items():
-        try:
-            providers[name] = _sdpa_fn(backend, q, k, v, False)
-        except Exception as e:
-            rows.append(Row("attention", case, name, float("nan"), extra={"skip": str(e)[:80]}))
-    ref = providers["sdpa-flash"][0]() if "sdpa-flash" in providers else None
-    for name, (fn, note, _) in providers.items():
-        times[name] = bench_ms(fn)
-        extra = {"gqa": note}
-        if name == "qkern" and ref is not None:
-            extra["rel_err_vs_sdpa"] = _rel_err(out, ref)
-        rows.append(Row("attention", case, name, times[name], nbytes, flops, extra))
-    for r in rows:
-        if r.provider == "qkern":
-            for name in ("sdpa-flash", "sdpa-cudnn"):
-                if name in times:
-                    r.extra[f"x_vs_{name.replace('-', '_')}"] = times[name] / r.ms
+    ragged = len(set(lks)) > 1
+    sk = max(lks)
+    tag = f"ragged Sk<={sk}" if ragged else f"Sk{sk}"
+    case = f"decode B{b} Sq{sq} {tag} D{d} {HQ}/{HKV}h"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, device="cuda", dtype=DTYPE, generator=gen)  # noqa: E731
+    tot_k = sum(lks)
+    nbytes = 2 * tot_k * HKV * d * 2 + 2 * b * sq * HQ * d * 2
+    flops = sum(4.0 * HQ * sq * n * d for n in lks)
+    if ragged:
+        q, k, v = rnd(b * sq, HQ, d), rnd(tot_k, HKV, d), rnd(tot_k, HKV, d)
+        cu_q = torch.arange(0, b * sq + 1, sq, dtype=torch.int32, device="cuda")
+        cu_k = torch.tensor([0, *torch.tensor(lks).cumsum(0).tolist()], dtype=torch.int32)
+        cu_k = cu_k.to("cuda")
+        kw = dict(cu_seqlens=cu_q, max_seqlen=sq, cu_seqlens_k=cu_k, max_seqlen_k=sk)
+    else:
+        q, k, v = rnd(b, sq, HQ, d), rnd(b, sk, HKV, d), rnd(b, sk, HKV, d)
+        kw = {}
+
+    def ours():
+        with torch.no_grad():
+            return flash_attention(q, k, v, causal=True, **kw)
+
+    attn._DECODE_TIMES.clear()
+    start = time.perf_counter()
+    out = ours()  # tunes (the candidates' timings land in _DECODE_TIMES)
+    torch.cuda.synchronize()
+    tune_s = time.perf_counter() - start
+    ref = attn.flash_attention_ref(q, k, v, causal=True, upcast=True, **kw)
+    extra: dict = {"rel_err_vs_ref": _rel_err(out, ref), "tune_s": round(tune_s, 1)}
+    for key, timed in attn._DECODE_TIMES.items():
+        best = min(timed, key=lambda t: t[1])
+        extra["cfg"] = _cfg_name(best[0])
+        extra["cands_ms"] = {_cfg_name(c): round(ms, 4) for c, ms in timed}
+        bh = key[1]
+        extra["splits"] = attn._splits_for(best[0], bh, sk, attn._decode_sms(q.device))
+    rows = []
+    times = {"qkern": bench_ms(ours)}
+    extra["kernel_ms"] = round(kernel_ms(ours), 4)  # GPU time alone; the gap is host time
+    if not ragged:
+        for name, backend in _sdpa_backends().items():
+            try:
+                fn, note, _ = _sdpa_fn(backend, q, k, v, False)  # same cost as bottom-right
+                times[name] = bench_ms(fn)
+                rows.append(Row("attention", case, name, times[name], nbytes, flops, {"gqa": note}))
+            except Exception as e:  # backend not available for this case on this build/card
+                rows.append(Row("attention", case, name, float("nan"), extra={"skip": str(e)[:80]}))
+    for name in ("sdpa-flash", "sdpa-cudnn"):
+        if name in times:
+            extra[f"x_vs_{name.replace('-', '_')}"] = round(times[name] / times["qkern"], 3)
+    rows.insert(0, Row("attention", case, "qkern", times["qkern"], nbytes, flops, extra))
     return rows
+
+
+def _decode_rows() -> list[Row]:
+    rows: list[Row] = []
+    for b, sq, lks in _DECODE_CASES:
+        rows += _decode_case(b, sq, lks)
+        torch.cuda.empty_cache()
+    return rows
+
+
+_WS_STATE: dict = {}
+
+
+def _enable_warp_specialization() -> None:
+    """Let the warp-specialized candidates into autotuning if a child process runs them right."""
+    from qkern import attention as attn
+
+    start = time.perf_counter()
+    ok = attn.enable_warp_specialization()
+    _WS_STATE.update(ok=ok, probe_s=round(time.perf_counter() - start, 1))
 
 
 def run(ceilings: Ceilings | None = None) -> list[Row]:
     del ceilings  # rows carry bytes/flops; the runner turns them into ratios
+    _enable_warp_specialization()
     rows: list[Row] = []
     for b, s, d in ((8, 2048, 128), (4, 4096, 128), (2, 8192, 128), (4, 4096, 64)):
         rows += _dense_rows(b, s, d)

@@ -61,6 +61,25 @@ def poisoned_allocations() -> Iterator[None]:
         attn._new_output, attn._new_buffer = saved
 
 
+@contextlib.contextmanager
+def forced_variant(tma: bool, ws: bool) -> Iterator[None]:
+    """The three dense kernels run one candidate of the given variant (TMA descriptors, warp
+    specialization), restoring the autotune lists after."""
+    kernels = (attn._attn_fwd_kernel, attn._attn_bwd_dkdv_kernel, attn._attn_bwd_dq_kernel)
+    saved, saved_ws = [k.configs for k in kernels], attn._WARP_SPECIALIZE
+    if ON_GPU:
+        sizes = ((128, 64, 8, 3), (32, 128, 8, 3), (128, 64, 8, 3))
+    else:  # interpreter: small blocks that cross the diagonal and the tails
+        sizes = ((32, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1))
+    attn._WARP_SPECIALIZE = ws
+    attn._force_configs(*([attn._cfg(*size, tma=tma, ws=ws)] for size in sizes))
+    try:
+        yield
+    finally:
+        attn._WARP_SPECIALIZE = saved_ws
+        attn._force_configs(*saved)
+
+
 def _leaf(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.detach().to(dtype).requires_grad_()
 
@@ -280,6 +299,47 @@ def test_float16(varlen):
         check_against_reference(q, k, v, causal=False, window=(9, 9))
 
 
+@pytest.mark.parametrize("ws", [False, True])
+def test_tma_descriptor_variant(ws):
+    """Q/K/V (forward, dQ) and Q/dO (dK/dV) through per-document tensor descriptors, whose
+    out-of-range rows read as zeros: odd lengths, more keys than queries, GQA, packed documents
+    with a window and softcap. ``ws`` adds the warp-specialized loop (a no-op when interpreted)."""
+    torch.manual_seed(15)
+    with forced_variant(tma=True, ws=ws):
+        q, k, v = _randn(1, 37, 4, 32), _randn(1, 45, 1, 32), _randn(1, 45, 1, 32)
+        check_against_reference(q, k, v, causal=True)
+        assert attn._attn_fwd_kernel.best_config.kwargs["TMA"]
+        assert attn._attn_bwd_dkdv_kernel.best_config.kwargs["TMA"]
+        assert attn._attn_bwd_dq_kernel.best_config.kwargs["TMA"]
+        lq = [1, 30, 0, 19]
+        q, k, v = (_randn(sum(lq), h, 16) for h in (2, 2, 2))
+        check_against_reference(
+            q, k, v, causal=True, cu_seqlens=_cu(lq), window=(9, 0), softcap=6.0
+        )
+
+
+def test_tma_eligibility_and_pruning(monkeypatch):
+    """Descriptors need D a power of two and 16-byte aligned rows; the pruner keeps TMA
+    candidates only for such launches and WS candidates only when enabled."""
+    x = _randn(2, 9, 4, 64)
+    assert attn._tma_ok(64, x, x)
+    assert not attn._tma_ok(80, _randn(2, 9, 4, 80))
+    odd_rows = _randn(2, 9, 4 * 64 + 1)[..., :256].view(2, 9, 4, 64)  # row stride 257
+    assert not attn._tma_ok(64, x, odd_rows)
+    monkeypatch.setattr(attn, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(attn, "_TUNE_ALL", True)
+    configs = [attn._cfg(128, 64, 8, 3), attn._cfg(128, 64, 8, 3, tma=True),
+               attn._cfg(128, 64, 8, 2, tma=True, ws=True)]  # fmt: skip
+    prune = attn._pruner([], [])
+    flags = lambda kept: [(c.kwargs["TMA"], c.kwargs["WS"]) for c in kept]
+    for ws in (False, True):
+        monkeypatch.setattr(attn, "_WARP_SPECIALIZE", ws)
+        kept = prune(configs, {}, PREC="tf32", D_PAD=64, TMA_OK=True)
+        assert flags(kept) == [(False, False), (True, False)] + ([(True, True)] if ws else [])
+        kept = prune(configs, {}, PREC="tf32", D_PAD=64, TMA_OK=False)
+        assert flags(kept) == [(False, False)]
+
+
 def test_rows_without_keys_are_zero_with_zero_gradient():
     """Causal with more queries than keys: the first Sq - Sk queries see nothing."""
     torch.manual_seed(6)
@@ -435,6 +495,25 @@ def test_gpu_dense(dtype, d, causal):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_tma_variant(d):
+    torch.manual_seed(16)
+    with forced_variant(tma=True, ws=False):
+        q, k, v = (_randn(2, 1000, h, d, dtype=torch.bfloat16) for h in (8, 2, 2))
+        check_against_reference(q, k, v, causal=True)
+        lq = [1, 300, 1024, 17]
+        q, k, v = (_randn(sum(lq), h, d, dtype=torch.bfloat16) for h in (8, 2, 2))
+        check_against_reference(q, k, v, causal=True, cu_seqlens=_cu(lq), softcap=30.0)
+
+
+@pytest.mark.gpu
+def test_gpu_warp_specialized_variant():
+    """Warp-specialized TMA kernels (forward, dK/dV, dQ) against the float32 reference, in a
+    child process: a failed lowering could abort or hang the test process itself."""
+    assert attn.probe_warp_specialization()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("d", [80, 256])
 def test_gpu_padded_and_large_head_dims(d):
     torch.manual_seed(12)
@@ -465,3 +544,16 @@ def test_gpu_decode_split_kv(dtype):
     check_against_reference(
         q[:, 0], kp, vp, grad=False, causal=True, cu_seqlens=_cu([1] * 4), cu_seqlens_k=_cu(lk)
     )
+
+
+def test_enable_warp_specialization_follows_the_probe(monkeypatch):
+    # the flag is exactly the probe's answer; without a GPU the child process fails, so the
+    # warp-specialized candidates stay out
+    monkeypatch.setattr(attn, "_WARP_SPECIALIZE", False)
+    monkeypatch.setattr(attn, "probe_warp_specialization", lambda timeout_s: True)
+    assert attn.enable_warp_specialization() is True and attn._WARP_SPECIALIZE is True
+    monkeypatch.undo()
+    monkeypatch.setattr(attn, "_WARP_SPECIALIZE", False)
+    if not torch.cuda.is_available():
+        assert attn.enable_warp_specialization(timeout_s=120) is False
+        assert attn._WARP_SPECIALIZE is False
