@@ -11,10 +11,12 @@ anchors reset before the warm-up).
 
 Cases are named ``<1b|8b>-b<B>-s<S>`` plus suffixes: ``-offload`` (checkpointed layer inputs in
 pinned host memory, :mod:`qkern_train.offload`), ``-8bit`` (:class:`qkern.AdamW8bit` instead of
-torch's fused AdamW), ``-nockpt`` (no checkpointing). ``8b-b1-max[-offload][-8bit]`` searches the
-longest context that fits at batch 1 (see :func:`max_context`). Each model is built once and runs
-all its cases; its 16-bit weights never exist all at once (built on the meta device, materialized,
-initialized and quantized layer by layer).
+torch's fused AdamW), ``-nockpt`` (no checkpointing), ``-graph`` (the step replayed as a CUDA
+graph), ``-lc<MiB>`` (the fused cross-entropy's logits buffer budget, default 256).
+``8b-b1-max[-offload][-8bit]`` searches the longest context that fits at batch 1 (see
+:func:`max_context`). Each model is built once and runs all its cases; its 16-bit weights
+never exist all at once (built on the meta device, materialized, initialized and quantized
+layer by layer).
 
 Floors (model FLOPs over the ~700 TFLOP/s bf16 peak of an H100; bytes are negligible: the NF4
 weights are read 3 times per step, 3 x 0.53 B/param = 11 GB for 8B, 4 ms at 3000 GB/s). FLOPs
@@ -99,7 +101,9 @@ ANCHORS: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
     },
 }
 
-_CASE_RE = re.compile(r"^(1b|8b)-b(\d+)-(?:s(\d+)|(max))((?:-offload|-8bit|-nockpt|-graph)*)$")
+_CASE_RE = re.compile(
+    r"^(1b|8b)-b(\d+)-(?:s(\d+)|(max))((?:-offload|-8bit|-nockpt|-graph|-lc\d+)*)$"
+)
 
 
 @dataclass
@@ -111,6 +115,7 @@ class Case:
     ckpt: str  # "on" | "offload" | "off"
     optim: str  # "adamw" | "adamw8bit"
     graph: bool = False  # the whole step (forward, backward, optimizer) replayed as a CUDA graph
+    loss_chunk_mib: int = 0  # fused cross-entropy logits buffer (0: qkern's default, 256 MiB)
 
     @property
     def base(self) -> str:
@@ -123,7 +128,7 @@ def parse_case(name: str) -> Case:
     if not m:
         raise ValueError(
             f"bad case {name!r}: expected <1b|8b>-b<B>-s<S> or 8b-b1-max, with optional "
-            "-offload, -8bit, -nockpt suffixes"
+            "-offload, -8bit, -nockpt, -graph, -lc<MiB> suffixes"
         )
     shape, b, s, is_max, suffix = m.groups()
     if "-offload" in suffix and "-nockpt" in suffix:
@@ -133,7 +138,9 @@ def parse_case(name: str) -> Case:
     graph = "-graph" in suffix
     if graph and (ckpt == "offload" or optim != "adamw"):
         raise ValueError(f"{name!r}: -graph runs with plain checkpointing and torch AdamW only")
-    return Case(name, shape, int(b), None if is_max else int(s), ckpt, optim, graph)
+    lc = re.search(r"-lc(\d+)", suffix)
+    loss_mib = int(lc.group(1)) if lc else 0
+    return Case(name, shape, int(b), None if is_max else int(s), ckpt, optim, graph, loss_mib)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +254,7 @@ def train_steps(
     from qkern_train.lora import lora_parameters
 
     set_checkpointing(model, case.ckpt)
+    model.loss_chunk_bytes = case.loss_chunk_mib * 2**20 or None
     params = lora_parameters(model)
     if case.graph:
         return _graph_train_steps(model, case, seq, params, steps, warmup)
@@ -559,7 +567,7 @@ def _add_ratios(rows: list[Row]) -> None:
     hf = {r.case: r for r in rows if r.provider == "hf+peft+bnb"}
     for r in rows:
         if r.provider == "qkern":
-            base = re.sub(r"(-offload|-8bit|-nockpt|-graph)+$", "", r.case)
+            base = re.sub(r"(-offload|-8bit|-nockpt|-graph|-lc\d+)+$", "", r.case)
             if base in hf and hf[base].ms == hf[base].ms and r.ms == r.ms:  # not NaN
                 r.extra["x_hf"] = round(hf[base].ms / r.ms, 3)
                 r.extra["mem_vs_hf"] = round(

@@ -786,6 +786,7 @@ class _Opts:
     softcap: float | None
     z_loss: float
     logit_scale: float
+    chunk_bytes: int | None = None  # fused linear CE: logits buffer budget (None: the default)
 
 
 @dataclass
@@ -1179,7 +1180,13 @@ def _flce_best_chunk(
 
 
 def _flce_chunk_rows(
-    rows: int, vocab: int, hidden: int, elt: int, dw: bool, device: torch.device
+    rows: int,
+    vocab: int,
+    hidden: int,
+    elt: int,
+    dw: bool,
+    device: torch.device,
+    budget: int | None = None,
 ) -> int:
     """Rows per chunk: the override, else the cheapest multiple of 256 rows within the budget
     under the wave model above (1024 for both heads at T = 8192, H = 4096, V = 128256 in bf16)."""
@@ -1188,7 +1195,7 @@ def _flce_chunk_rows(
     if rows == 0:
         return 1
     sms = num_sms(device) if device.type == "cuda" else 132
-    return _flce_best_chunk(rows, vocab, hidden, elt, dw, sms, _FLCE_CHUNK_BYTES)
+    return _flce_best_chunk(rows, vocab, hidden, elt, dw, sms, budget or _FLCE_CHUNK_BYTES)
 
 
 def _flce_pass(
@@ -1216,7 +1223,9 @@ def _flce_pass(
     scan and the CE kernel (+ a column sum and an add with a trained bias)."""
     rows, _ = h.shape
     vocab = w.shape[0]
-    chunk = _flce_chunk_rows(rows, vocab, h.shape[1], h.element_size(), need_dw, h.device)
+    chunk = _flce_chunk_rows(
+        rows, vocab, h.shape[1], h.element_size(), need_dw, h.device, opts.chunk_bytes
+    )
     any_grad = need_dh or need_dw or need_db
     buf = torch.empty(chunk, vocab, dtype=h.dtype, device=h.device)
     dh = torch.empty_like(h) if need_dh else None
@@ -1327,6 +1336,7 @@ def _fused_linear_cross_entropy_triton(
     z_loss: float,
     logit_scale: float,
     validate: bool,
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     if w.dtype != h.dtype or (b is not None and b.dtype != h.dtype):
         raise TypeError(
@@ -1334,7 +1344,7 @@ def _fused_linear_cross_entropy_triton(
             f"hidden {h.dtype}, weight {w.dtype}" + (f", bias {b.dtype}" if b is not None else "")
         )
     vocab = w.shape[0]
-    opts = _Opts(ignore_index, label_smoothing, softcap, z_loss, logit_scale)
+    opts = _Opts(ignore_index, label_smoothing, softcap, z_loss, logit_scale, chunk_bytes)
     y = y.contiguous()
     # one scan of all labels: the "mean" count and the bad-label check (each row chunk is
     # scanned again for its own row order)
@@ -1418,14 +1428,23 @@ def fused_linear_cross_entropy(
     z_loss: float = 0.0,
     logit_scale: float = 1.0,
     validate: bool = True,
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """``cross_entropy(hidden @ weight.T + bias, labels, ...)`` without the (T, V) logits.
 
     ``hidden`` (..., H), ``weight`` (V, H) (the lm_head), ``bias`` (V,) or None, ``labels`` (...).
     Gradients flow to ``hidden`` and, only when they require grad, to ``weight`` and ``bias``; a
     frozen head (QLoRA) never computes d(weight).
+
+    ``chunk_bytes`` bounds the one logits buffer of a row chunk (the extra peak memory of the
+    call besides the returned gradients); None takes the default of 256 MiB. Smaller budgets
+    trade a little matmul efficiency for memory (rows per chunk: see ``_flce_chunk_rows``).
     """
     _check_options(reduction, num_items, label_smoothing, softcap, z_loss, logit_scale)
+    if chunk_bytes is not None and (
+        isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0
+    ):
+        raise ValueError(f"chunk_bytes must be a positive int or None, got {chunk_bytes!r}")
     h, y = _prepare_linear(hidden, weight, labels, bias)
     if use_triton(h, weight, y, bias) and h.dtype != torch.float64:
         return _fused_linear_cross_entropy_triton(
@@ -1441,6 +1460,7 @@ def fused_linear_cross_entropy(
             float(z_loss),
             float(logit_scale),
             validate,
+            chunk_bytes,
         )
     return fused_linear_cross_entropy_ref(
         h,

@@ -90,6 +90,9 @@ class TrainSection:
     # loss scaling), fp32. Adapter weights and optimizer state stay fp32 in every case.
     precision: str = "auto"
     gradient_checkpointing: str = "on"  # on, off, offload (activations to CPU memory)
+    # fused cross-entropy: MiB for the logits of one row chunk (0 = qkern's default, 256 MiB);
+    # smaller saves peak memory for a little speed
+    loss_chunk_mib: int = 0
     eval_steps: int = 0  # evaluate every N steps (0 = only at the end, if there is eval data)
     early_stopping_patience: int = 0  # stop after N evals without improvement (0 = off)
     early_stopping_threshold: float = 0.0  # minimum eval-loss decrease that counts
@@ -156,6 +159,8 @@ class TrainConfig:
             raise ConfigError("train.lr must be > 0")
         if not 0.0 <= self.train.warmup_ratio < 1.0:
             raise ConfigError("train.warmup_ratio must be in [0, 1)")
+        if self.train.loss_chunk_mib < 0:
+            raise ConfigError("train.loss_chunk_mib must be >= 0 (0 = the default)")
         if self.data.eval_split < 0:
             raise ConfigError("data.eval_split must be >= 0")
         try:

@@ -427,6 +427,8 @@ class Transformer(nn.Module):
             )
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
         self.gradient_checkpointing = False
+        # the fused cross-entropy's logits buffer budget in bytes (None: qkern's default)
+        self.loss_chunk_bytes: int | None = None
         # called like torch.utils.checkpoint.checkpoint(layer, *inputs, preserve_rng_state=...)
         self.checkpoint_fn = functools.partial(checkpoint, use_reentrant=False)
 
@@ -538,7 +540,11 @@ class Transformer(nn.Module):
             )
         hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen)
         return qkern.fused_linear_cross_entropy(
-            hidden.flatten(0, 1), self.lm_weight, labels.flatten(), num_items=num_items
+            hidden.flatten(0, 1),
+            self.lm_weight,
+            labels.flatten(),
+            num_items=num_items,
+            chunk_bytes=self.loss_chunk_bytes,
         )
 
 

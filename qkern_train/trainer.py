@@ -334,6 +334,8 @@ class Trainer:
             else None
         )
         self._set_checkpointing(cfg.gradient_checkpointing)
+        if cfg.loss_chunk_mib and hasattr(self.model, "loss_chunk_bytes"):
+            self.model.loss_chunk_bytes = cfg.loss_chunk_mib * 2**20
         self._tb = None
         self._wandb = None
 

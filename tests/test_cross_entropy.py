@@ -440,6 +440,28 @@ def test_flce_frozen_head_never_computes_dw(monkeypatch):
     torch.testing.assert_close(dh_frozen, dh_train, rtol=0, atol=0)
 
 
+def test_flce_chunk_bytes_argument_sets_the_chunk():
+    # chunk_bytes bounds the logits buffer: 2 rows of 64 fp32 logits -> 5 chunks for 10 rows
+    # (2 matmuls each on a frozen head), the default budget -> one chunk; same results
+    h, w, _, y = make_linear_case(10, 12, 64, torch.float32, 5, bias=False)
+
+    def run(chunk_bytes):
+        hh = h.clone().requires_grad_(True)
+        with qkern.backend("triton"):
+            loss = fused_linear_cross_entropy(hh, w, y, chunk_bytes=chunk_bytes)
+            loss.backward()
+        return loss, hh.grad
+
+    small_mm, (loss_small, dh_small) = count_matmuls(lambda: run(2 * 64 * 4))
+    default_mm, (loss_default, dh_default) = count_matmuls(lambda: run(None))
+    assert small_mm == 5 * 2 and default_mm == 2
+    torch.testing.assert_close(loss_small, loss_default, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dh_small, dh_default, rtol=1e-6, atol=1e-6)
+    for bad in (0, -5, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="chunk_bytes"):
+            fused_linear_cross_entropy(h, w, y, chunk_bytes=bad)
+
+
 def test_flce_gradient_accumulation_identity(monkeypatch):
     monkeypatch.setattr(ce, "_FLCE_CHUNK_BYTES", 2 * 40 * 4)
     h, w, b, y = make_linear_case(9, 6, 40, torch.float32, 9, bias=True)

@@ -14,7 +14,7 @@ import torch
 
 from qkern_train import data as D
 from qkern_train.checkpoint import load_model, save_model
-from qkern_train.config import OutputSection, TrainSection
+from qkern_train.config import ConfigError, OutputSection, TrainConfig, TrainSection
 from qkern_train.lora import LoraConfig, adapted_modules, apply_lora
 from qkern_train.model import ModelConfig, build_model
 from qkern_train.trainer import (
@@ -158,6 +158,34 @@ def test_gradient_checkpointing_gives_the_same_grads(tmp_path):
         t.forward_backward(batch)
         out[mode] = grads(model)
     assert_grads_close(out["off"], out["on"], rtol=0, atol=0)
+
+
+def test_loss_chunk_budget_reaches_the_model(tmp_path, monkeypatch):
+    import qkern
+
+    seen = []
+    real = qkern.fused_linear_cross_entropy
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("chunk_bytes"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qkern, "fused_linear_cross_entropy", spy)
+    exs = examples(4, seed=3)
+    for mib, want in ((0, None), (3, 3 * 2**20)):
+        model = lora_model()
+        model.train()
+        t = Trainer(
+            model, D.BatchPlanner(exs, 1, 32), train_cfg(loss_chunk_mib=mib), tmp_path / str(mib),
+            output=QUIET,
+        )  # fmt: skip
+        assert model.loss_chunk_bytes == want
+        t.forward_backward([D.collate_packed(exs)])
+        assert seen[-1] == want
+    cfg = TrainConfig()
+    cfg.train.loss_chunk_mib = -1
+    with pytest.raises(ConfigError, match="loss_chunk_mib"):
+        cfg.validate()
 
 
 def test_offloaded_checkpointing_selected_by_config(tmp_path):
