@@ -224,22 +224,29 @@ def _fwd_configs() -> list:
     if interpreter_enabled():  # small blocks so CPU tests cross block boundaries
         return [_cfg(32, 16, 4, 1)]
     # Hopper candidates. Shared memory per stage is BLOCK_N·D_PAD·2 bytes for K and for V
-    # (BLOCK_N = 128, D = 128: 64 KiB a stage) plus Q's BLOCK_M·D_PAD·2 = 32 KiB, against
-    # 227 KiB per block: 3 stages at BLOCK_N = 128, 4 at 64. Registers: the fp32 accumulator
-    # BLOCK_M·D_PAD·4 = 64 KiB is 64 registers/thread at 8 warps (one 64-row wgmma per
-    # warpgroup). Compiled for sm_90 with Triton 3.6 at D = 128, the pointer-load versions hit
-    # 255 registers and spill (stack 1.4 KB at 128x128, 0.3 KB at 128x64: addresses and masks
-    # of the cp.async loads); with TMA descriptors the same tiles take 187 / 141 registers and
-    # spill nothing (128x128x3 stages: 225 KiB of shared memory). 4-warp 64x64 spills too.
+    # (BLOCK_N = 64, D = 128: 32 KiB a stage) plus Q's BLOCK_M·D_PAD·2 bytes, against 227 KiB
+    # per block. Registers: the fp32 accumulator BLOCK_M·D_PAD·4 = 64 KiB at BLOCK_M = 128 is
+    # 64 registers/thread at 8 warps (one 64-row wgmma per warpgroup). Compiled for sm_90 with
+    # Triton 3.6 at D = 128 (registers / spill stack / shared memory):
+    #   pointer 128x64 8w:       255 / 320 B / 48 KiB (the same binary at 3, 4 or 5 stages:
+    #                            the pointer loads are not multi-buffered, stages change nothing)
+    #   pointer 128x32 8w 4s:    252 / none  / 40 KiB
+    #   TMA 128x64 8w 4s:        141 / none  / 161 KiB;  TMA 128x128 8w 3s: 187 / none / 225 KiB
+    #   TMA 64x64 4w 2s:         164 / none  / 81 KiB, i.e. two blocks of one warpgroup per SM
+    #                            (the 8-warp candidates fit one block per SM)
+    #   TMA + WS 128x64 8w 2s:   142 / none  / 96 KiB
     # The first entry is the default when only one config is compiled (tests); TMA entries are
     # dropped when the launch cannot use descriptors, WS entries while _WARP_SPECIALIZE is off.
+    # Measured on an H200 (D = 128, B8 S2048) and dropped: pointer 128x128 (spills 1.4 KB) and
+    # TMA + WS 128x128 2s (0.923 ms against the pointer 128x64's 0.768).
     return pick_configs(
         [
-            _cfg(128, 128, 8, 3),
             _cfg(128, 64, 8, 4),
-            _cfg(128, 128, 8, 3, tma=True),
+            _cfg(128, 32, 8, 4),
             _cfg(128, 64, 8, 4, tma=True),
-            _cfg(128, 128, 8, 2, tma=True, ws=True),
+            _cfg(128, 128, 8, 3, tma=True),
+            _cfg(64, 64, 4, 2, tma=True),
+            _cfg(128, 64, 8, 2, tma=True, ws=True),
         ]
     )
 
@@ -328,7 +335,7 @@ def _warp_specialization_selfcheck() -> None:
     global _WARP_SPECIALIZE
     _WARP_SPECIALIZE = True
     _force_configs(
-        [_cfg(128, 128, 8, 2, tma=True, ws=True)],
+        [_cfg(128, 64, 8, 2, tma=True, ws=True)],
         [_cfg(64, 128, 8, 2, tma=True, ws=True)],
         [_cfg(128, 64, 8, 2, tma=True, ws=True)],
     )
@@ -870,13 +877,18 @@ def _dkdv_configs() -> list:
     # registers/thread at 8 warps, plus K and V (64 more): the Q/dO blocks streamed per step stay
     # small. Compiled for sm_90 at D = 128 with Triton 3.6, every variant spills (stack frame
     # 0.4 / 1.0 / 1.8 KB at BLOCK_M = 16 / 32 / 64 with pointer loads); TMA roughly halves it
-    # (32x128: 0.46 KB, TMA + WS 64x128: 0.5 KB). 4-warp variants spill kilobytes.
+    # (32x128: 0.46 KB). TMA + WS (BLOCK_M x BLOCK_N, stages: stack, shared memory): 64x128 2s
+    # 0.54 KB, 129 KiB; 64x128 3s 0.98 KB, 162 KiB; 64x64 2s 0.18 KB, 97 KiB; 128x64 2s 1.5 KB,
+    # 162 KiB. 4-warp variants spill kilobytes. Measured on an H200 (D = 128, B8 S2048): TMA + WS
+    # 64x128 2s 1.463 ms, TMA 32x128 1.674, pointer 1.718 (16x128 pointer dropped).
     return pick_configs(
         [
             _cfg(32, 128, 8, 3),
-            _cfg(16, 128, 8, 3),
             _cfg(32, 128, 8, 3, tma=True),
             _cfg(64, 128, 8, 2, tma=True, ws=True),
+            _cfg(64, 128, 8, 3, tma=True, ws=True),
+            _cfg(64, 64, 8, 2, tma=True, ws=True),
+            _cfg(128, 64, 8, 2, tma=True, ws=True),
         ]
     )
 
@@ -1027,16 +1039,18 @@ def _bwd_dq_inner(
 def _dq_configs() -> list:
     if interpreter_enabled():
         return [_cfg(32, 16, 4, 1)]
-    # Q, dO and the dQ accumulator stay resident (3·BLOCK_M·D_PAD), K and V stream; at D = 128
-    # the two 8-warp configs compile without spills for sm_90, 64x64 at 4 warps spills ~20 bytes
-    # Triton 3.6 at D = 128: 128x64 spills 0.5 KB with pointer loads and 56 bytes with TMA
-    # (128x128 with TMA: 0.5 KB, left out), 64x64 at 4 warps 1.4 KB (left out).
+    # Q, dO and the dQ accumulator stay resident (3·BLOCK_M·D_PAD), K and V stream. Triton 3.6
+    # for sm_90 at D = 128 (spill stack, shared memory): 128x64 8w 0.5 KB with pointer loads;
+    # TMA 128x64 3s 56 B, 4s 56 B / 193 KiB; TMA 64x64 4w 2s 32 B / 97 KiB (two blocks per SM);
+    # 128x128 TMA 0.5 KB and pointer 64x64 4w 1.4 KB (left out). Measured on an H200 (D = 128,
+    # B8 S2048): pointer 128x64 0.875 ms, TMA 0.876, TMA + WS 128x64 1.101 (dropped).
     return pick_configs(
         [
             _cfg(128, 64, 8, 3),
             _cfg(128, 32, 8, 3),
             _cfg(128, 64, 8, 3, tma=True),
-            _cfg(128, 64, 8, 2, tma=True, ws=True),
+            _cfg(128, 64, 8, 4, tma=True),
+            _cfg(64, 64, 4, 2, tma=True),
         ]
     )
 

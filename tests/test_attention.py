@@ -9,6 +9,7 @@ compiles kernels); bf16 and realistic sizes are @pytest.mark.gpu.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 
@@ -340,6 +341,32 @@ def test_tma_eligibility_and_pruning(monkeypatch):
         assert flags(kept) == [(False, False)]
 
 
+def _candidate_lists(monkeypatch) -> dict:
+    """The Hopper candidate lists as a GPU run builds them (the interpreter gets one tiny one)."""
+    monkeypatch.setattr(attn, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(attn, "pick_configs", list)
+    return {"fwd": attn._fwd_configs(), "dkdv": attn._dkdv_configs(), "dq": attn._dq_configs()}
+
+
+def test_candidate_lists_are_small_with_a_pointer_default(monkeypatch):
+    """At most six candidates per kernel, no duplicates, warp specialization only with TMA, and
+    the first entry (the only one compiled when tuning is off, or when descriptors and warp
+    specialization are unavailable) a plain pointer-load config."""
+    for name, configs in _candidate_lists(monkeypatch).items():
+        assert 1 <= len(configs) <= 6, name
+        keys = [(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in configs]
+        assert len(set(keys)) == len(keys), name
+        assert not configs[0].kwargs["TMA"] and not configs[0].kwargs["WS"], name
+        assert all(c.kwargs["TMA"] or not c.kwargs["WS"] for c in configs), name
+        for c in configs:  # D = 128 tiles the kernels index with BLOCK_M and BLOCK_N
+            assert c.kwargs["BLOCK_M"] in (16, 32, 64, 128) and c.kwargs["BLOCK_N"] in (32, 64, 128)
+            assert c.num_warps in (4, 8) and 1 <= c.num_stages <= 5
+        monkeypatch.setattr(attn, "_TUNE_ALL", True)
+        monkeypatch.setattr(attn, "_WARP_SPECIALIZE", False)
+        kept = attn._pruner([], [])(configs, {}, PREC="tf32", D_PAD=128, TMA_OK=False)
+        assert kept and all(not c.kwargs["TMA"] for c in kept), name
+
+
 def test_rows_without_keys_are_zero_with_zero_gradient():
     """Causal with more queries than keys: the first Sq - Sk queries see nothing."""
     torch.manual_seed(6)
@@ -511,6 +538,41 @@ def test_gpu_warp_specialized_variant():
     """Warp-specialized TMA kernels (forward, dK/dV, dQ) against the float32 reference, in a
     child process: a failed lowering could abort or hang the test process itself."""
     assert attn.probe_warp_specialization()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(6))
+def test_gpu_every_candidate(index, monkeypatch):
+    """Each autotune candidate alone (the index-th entry of each kernel's list, wrapping around)
+    against the float64 reference, dense GQA and packed with softcap. Warp-specialized entries
+    run only where the child-process probe passed (a failed lowering could abort this process)."""
+    lists = _candidate_lists(monkeypatch)
+    monkeypatch.undo()
+    kernels = (attn._attn_fwd_kernel, attn._attn_bwd_dkdv_kernel, attn._attn_bwd_dq_kernel)
+    chosen = [configs[index % len(configs)] for configs in lists.values()]
+    ws = any(c.kwargs["WS"] for c in chosen)
+    if ws and not _warp_specialization_works():
+        pytest.skip("warp specialization does not run correctly on this GPU / Triton")
+    saved, saved_ws = [k.configs for k in kernels], attn._WARP_SPECIALIZE
+    attn._WARP_SPECIALIZE = ws
+    attn._force_configs(*([c] for c in chosen))
+    try:
+        torch.manual_seed(17 + index)
+        q, k, v = (_randn(2, 777, h, 128, dtype=torch.bfloat16) for h in (8, 2, 2))
+        check_against_reference(q, k, v, causal=True)
+        for kernel, c in zip(kernels, chosen):
+            assert kernel.best_config.kwargs == c.kwargs
+        lq = [1, 300, 530, 17]
+        q, k, v = (_randn(sum(lq), h, 128, dtype=torch.bfloat16) for h in (8, 2, 2))
+        check_against_reference(q, k, v, causal=True, cu_seqlens=_cu(lq), softcap=30.0)
+    finally:
+        attn._WARP_SPECIALIZE = saved_ws
+        attn._force_configs(*saved)
+
+
+@functools.cache
+def _warp_specialization_works() -> bool:
+    return attn.probe_warp_specialization()
 
 
 @pytest.mark.gpu
