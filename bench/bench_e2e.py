@@ -609,6 +609,11 @@ def main() -> int:
     ap.add_argument("--max-budget-s", type=float, default=300.0,
                     help="time allowed for the longest-context try (8b-b1-max)")  # fmt: skip
     ap.add_argument("--json", default=None, help="write rows + environment here")
+    ap.add_argument(
+        "--warp-specialize",
+        action="store_true",
+        help="let warp-specialized attention kernels into autotuning (probed first)",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("the end-to-end benchmark needs a CUDA device")
@@ -616,6 +621,11 @@ def main() -> int:
     from bench.common import measure_ceilings, write_results
 
     env = environment()
+    if args.warp_specialize:
+        from qkern.attention import enable_warp_specialization
+
+        env["attention_warp_specialization"] = enable_warp_specialization()
+        print(f"[e2e] warp-specialized attention: {env['attention_warp_specialization']}")
     ceilings = measure_ceilings()
     names = [n for n in args.configs.split(",") if n]
     for n in names:
