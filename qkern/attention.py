@@ -270,10 +270,13 @@ def _pruner(d256: list, fp32: list):
         else:
             chosen = configs
         tma_ok = kwargs.get("TMA_OK", named_args.get("TMA_OK", False))
+        # warp-specialized candidates only where they were checked on the GPU: the probe and
+        # the GPU tests run them at D_PAD = 128 (dense and packed, window, softcap)
+        ws_ok = _WARP_SPECIALIZE and kwargs.get("D_PAD", named_args.get("D_PAD", 128)) == 128
         chosen = [
             c
             for c in chosen
-            if (tma_ok or not c.kwargs.get("TMA")) and (_WARP_SPECIALIZE or not c.kwargs.get("WS"))
+            if (tma_ok or not c.kwargs.get("TMA")) and (ws_ok or not c.kwargs.get("WS"))
         ]
         return chosen if _TUNE_ALL else chosen[:1]
 
@@ -310,7 +313,7 @@ def _tma_ok(d: int, *tensors: torch.Tensor) -> bool:
         return False
     for t in tensors:
         size = t.element_size()
-        if t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+        if t.data_ptr() % 16 or any(st == 0 or st * size % 16 for st in t.stride()[:-1]):
             return False
     if not interpreter_enabled():
         triton.set_allocator(_tma_alloc)
@@ -383,6 +386,8 @@ def enable_warp_specialization(timeout_s: float = 180.0) -> bool:
     fastest backward candidate (see docs/kernels/attention.md)."""
     global _WARP_SPECIALIZE
     _WARP_SPECIALIZE = probe_warp_specialization(timeout_s)
+    for kernel in (_attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel):
+        kernel.cache.clear()  # shapes tuned before take the new candidates into account
     return _WARP_SPECIALIZE
 
 
@@ -1522,6 +1527,16 @@ def _decode_plan(
     )  # fmt: skip
 
 
+def _decode_workspace_ready(device: torch.device, n: int, d: int, n_cnt: int) -> bool:
+    """False only inside a CUDA-graph capture that would have to create or grow the workspace."""
+    if (device, n, d, n_cnt) in _DECODE_WS_VIEWS or device.type != "cuda":
+        return True
+    if not torch.cuda.is_current_stream_capturing():
+        return True
+    ws = _DECODE_WS.get(device)
+    return ws is not None and ws[0].numel() >= n * (d + 1) and ws[1].numel() >= n_cnt
+
+
 def _decode_workspace(device: torch.device, n: int, d: int, n_cnt: int) -> tuple:
     """(fp32 partial outputs of n rows of d, their n LSEs, int32 arrival counters of at least
     n_cnt entries, all zero) for the fused decode path, kept per device and grown
@@ -1582,6 +1597,11 @@ def _decode_launch(
         # partials: splits·rows fp32 outputs of D and their LSEs per (batch, KV head); for
         # decode (rows = group) that is splits·Hq·(D+1) floats per sequence, ~1% of the K/V
         n = grid0 * splits * plan.rows
+        if fused and not _decode_workspace_ready(q.device, n, plan.d, grid0):
+            # creating or growing the workspace inside a CUDA-graph capture would only record
+            # the zero-fill of its counters, leaving them garbage for later eager calls: this
+            # call takes the separate combine with per-call partials instead
+            fused = False
         if fused:
             o_part, l_part, cnt = _decode_workspace(q.device, n, plan.d, grid0)
         else:
@@ -1674,8 +1694,8 @@ def _decode_get_plan(
     made during CUDA-graph capture, which may have skipped tuning)."""
     max_k = spec.max_k
     pkey = (
-        q.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, spec.max_q,
-        spec.varlen, spec.causal, spec.left, spec.right, spec.softcap, spec.scale,
+        q.shape, q.stride(), k.shape[0], k.shape[-2], k.stride(), v.stride(), q.dtype, q.device,
+        spec.max_q, spec.varlen, spec.causal, spec.left, spec.right, spec.softcap, spec.scale,
         1 << (max_k - 1).bit_length() if max_k > 0 else 0, need_lse,
         spec.cu_q.numel() if spec.varlen else 0,
     )  # fmt: skip
@@ -1686,6 +1706,8 @@ def _decode_get_plan(
     plan = _decode_plan(q, k, v, spec, cfg)
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         return plan, False
+    if len(_DECODE_PLANS) >= 256:
+        _DECODE_PLANS.clear()  # many distinct call shapes: start over rather than grow
     _DECODE_PLANS[pkey] = plan
     return plan, True
 
@@ -1715,6 +1737,28 @@ def _decode_forward(
         q, k, v, out, lse, plan, max(1, num_splits), spec.max_q, spec.max_k, spec.cu_q, spec.cu_k
     )
     return out, lse
+
+
+def _is_number(x) -> bool:
+    return type(x) in (int, float)
+
+
+def _fast_eligible(q, k, v, causal, softmax_scale, window, softcap) -> bool:
+    """Whether a call may use (and fill) the validated-call cache: tensors whose last dimension
+    is contiguous as given (``_prepare`` would copy the others, and the cached plan's strides are
+    the copy's), and options of exactly the types ``_prepare`` accepts, so that a value that only
+    hashes equal to a validated one (``True`` for ``1``, ``1.0`` for ``1``) still gets its error."""
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return False
+    if not (q.stride(-1) == k.stride(-1) == v.stride(-1) == 1) or type(causal) is not bool:
+        return False
+    if not (softmax_scale is None or _is_number(softmax_scale)):
+        return False
+    if not (softcap is None or _is_number(softcap)):
+        return False
+    return window is None or (
+        type(window) is tuple and len(window) == 2 and all(type(w) is int for w in window)
+    )
 
 
 def _fast_key(q, k, v, causal, softmax_scale, window, softcap) -> tuple:
@@ -2021,13 +2065,16 @@ def flash_attention(
         torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     )
     fkey = None
-    if no_grad and cu_seqlens is None and max_seqlen is None and max_seqlen_k is None:
+    if (
+        no_grad
+        and cu_seqlens is None
+        and max_seqlen is None
+        and max_seqlen_k is None
+        and _fast_eligible(q, k, v, causal, softmax_scale, window, softcap)
+    ):
         # a batched no-grad call: decode steps repeat one key but for the growing KV length
-        try:
-            fkey = _fast_key(q, k, v, causal, softmax_scale, window, softcap)
-            entry = _DECODE_FAST.get(fkey)
-        except TypeError:  # unhashable option (a list window)
-            fkey = entry = None
+        fkey = _fast_key(q, k, v, causal, softmax_scale, window, softcap)
+        entry = _DECODE_FAST.get(fkey)
         if entry is not None:
             out = _decode_fast(entry, q, k, v)
             if out is not None:

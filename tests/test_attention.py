@@ -335,10 +335,15 @@ def test_tma_eligibility_and_pruning(monkeypatch):
     flags = lambda kept: [(c.kwargs["TMA"], c.kwargs["WS"]) for c in kept]
     for ws in (False, True):
         monkeypatch.setattr(attn, "_WARP_SPECIALIZE", ws)
-        kept = prune(configs, {}, PREC="tf32", D_PAD=64, TMA_OK=True)
+        kept = prune(configs, {}, PREC="tf32", D_PAD=128, TMA_OK=True)
         assert flags(kept) == [(False, False), (True, False)] + ([(True, True)] if ws else [])
-        kept = prune(configs, {}, PREC="tf32", D_PAD=64, TMA_OK=False)
+        kept = prune(configs, {}, PREC="tf32", D_PAD=128, TMA_OK=False)
         assert flags(kept) == [(False, False)]
+        # warp specialization only at the head dim it was checked at on the GPU
+        kept = prune(configs, {}, PREC="tf32", D_PAD=64, TMA_OK=True)
+        assert flags(kept) == [(False, False), (True, False)]
+    # a zero stride (an expanded tensor) is no TMA row stride
+    assert not attn._tma_ok(64, x[:, :1].expand(2, 9, 4, 64))
 
 
 def _candidate_lists(monkeypatch) -> dict:

@@ -262,6 +262,36 @@ def test_validated_call_cache_skips_prepare(monkeypatch):
             flash_attention(q, cache_k[:, :520], cache_v[:, :520], softcap=-1.0)
 
 
+def test_decode_caches_tell_apart_what_they_must():
+    """Regression: (1) K/V whose last dimension is strided (copied by validation) never use the
+    validated-call cache, whose plan would carry the copy's strides; (2) head-sliced views of one
+    cache (same strides, different KV head counts) get different plans; (3) an option value that
+    only hashes equal to a validated one (True for 1) is still rejected."""
+    torch.manual_seed(8)
+    q = _randn(1, 1, 4, D)
+
+    def run(k, v, **kw):
+        with qkern.backend("triton"), torch.no_grad():
+            out = flash_attention(q, k, v, causal=True, **kw)
+        kc, vc = k.contiguous(), v.contiguous()
+        ref = flash_attention_ref(q.double(), kc.double(), vc.double(), causal=True, **kw)
+        same = flash_attention_ref(q, kc, vc, upcast=False, causal=True, **kw)
+        assert_close_rule(out, ref, same, atol=ATOL[DT])
+
+    wide = _randn(1, 300, 1, 2 * D)
+    strided = wide[..., ::2]  # last-dim stride 2
+    assert strided.stride(-1) == 2
+    run(strided, strided)
+    run(strided, strided)  # the second call must not reuse a plan built for the copy
+    cache = _randn(1, 300, 8, D)
+    for hkv in (2, 4, 2):
+        run(cache[:, :, :hkv], cache[:, :, :hkv])
+    run(cache[:, :, :2], cache[:, :, :2], window=(1, 0))
+    with pytest.raises((ValueError, TypeError)):
+        with torch.no_grad():
+            flash_attention(q, cache[:, :, :2], cache[:, :, :2], causal=True, window=(True, 0))
+
+
 def test_many_queries_use_regular_forward():
     """group·Sq > 64 rows, or fewer than 256 keys: the regular forward (consistent packing)."""
     q, k = _randn(1, 17, 4, D), _randn(1, 300, 1, D)
@@ -322,6 +352,7 @@ def test_gpu_decode_steps_reuse_direct_launch():
     for tune in (False, True):
         attn._TUNE_ALL = tune
         attn._DECODE_PLANS.clear()  # plans remember the config chosen with tuning off
+        attn._DECODE_FAST.clear()  # so do the validated-call entries that hold them
         for end in (1023, 1024, 1025, 1500, 2200):
             with torch.no_grad():
                 out = flash_attention(q, cache_k[:, :end], cache_v[:, :end], causal=True)
