@@ -856,6 +856,9 @@ _NF4_MM_CONFIGS = tuple(
 # applies (interpreter). Entries already built keep their configuration (clear_workspaces()).
 NF4_MATMUL_CONFIG: dict | None = None
 
+# False: no timing of the candidates, each new shape takes the first that applies (the GPU test
+# suite sets this: timing every candidate per shape dominates its run time).
+_NF4_TUNE = True
 _NF4_TUNED: dict[tuple, dict] = {}
 
 
@@ -1029,7 +1032,7 @@ def _mm_entry(
             # no timing inside a CUDA-graph capture (it synchronizes): an untuned shape met
             # there for the first time takes the first candidate
             capturing = e.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-            if len(cands) == 1 or capturing:
+            if len(cands) == 1 or capturing or not _NF4_TUNE:
                 cfg = _NF4_TUNED.get(_nf4_tune_key(e, state, bias), cands[0])
             else:
                 cfg = _nf4_tune(e, x, packed, state, bias, cands)

@@ -32,6 +32,17 @@ from tests.helpers import assert_close_rule, kernel_device, poisoned, rel_err
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_nf4_matmul_timing():
+    # the GPU tests check correctness: each shape takes the first candidate instead of timing
+    # them all (the variants are each forced in test_nf4_matmul_every_config; the tuner has
+    # its own test below)
+    saved = qlora._NF4_TUNE
+    qlora._NF4_TUNE = False
+    yield
+    qlora._NF4_TUNE = saved
+
+
 def _weight(n, k, blocksize=64, dq=True, seed=0, device="cpu", scale=1.0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * scale
@@ -535,6 +546,7 @@ def test_nf4_matmul_tuner_runs_every_candidate(monkeypatch):
         return float(len(cands) - len(seen))  # the last candidate timed is the "fastest"
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(qlora, "_NF4_TUNE", True)
     monkeypatch.setattr(qlora, "pick_configs", lambda c: c)
     monkeypatch.setattr(qlora, "_NF4_TUNED", {})
     with qkern.backend("triton"):
