@@ -140,12 +140,18 @@ def _query_range(n0, lq, lk, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, offs_m, offs_n,
-    offs_d, lo, hi, lq, lk, left, right, qk_scale, cap_scale, D: tl.constexpr,
+    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, pos, offs_n,
+    offs_d, lo, hi, lk, left, right, qk_scale, cap_scale, D: tl.constexpr,
     D_PAD: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over key blocks [lo, hi): running max m_i, sum l_i, unnormalized acc.
+
+    ``pos`` is each row's query position in key coordinates (causal alignment bottom-right:
+    query i of lq sees keys up to i + lk - lq); MASKED blocks check the sequence end and each
+    row's visible range [pos - left, pos + right], the others are seen whole by every real row,
+    so their loads carry no predicates and their scores no compares. The dense forward and the
+    decode kernel (rows = a KV head's query group, TMA and WS off) share this loop.
 
     Scores are in base 2: s2 = log2(e)·s, so exp(s - m) = exp2(s2 - m2) and the scale is one
     multiply (qk_scale = scale·log2 e, or with softcap qk_scale = scale/c, cap_scale = c·log2 e).
@@ -153,8 +159,6 @@ def _fwd_inner(
     the hardware, no address or mask registers). WS: the loop is warp-specialized (producer
     warps issue the loads, consumer warps the dots and the softmax).
     """
-    off = lk - lq
-    pos = offs_m + off
     # loop-invariant int32 offsets plus a scalar step: a loop-carried tensor of 64-bit pointers
     # would keep two registers per element alive across iterations
     k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
@@ -470,19 +474,20 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     n_start, f_lo, f_hi, n_end = _key_range(m0, lq, lk, left, right, BLOCK_M, BLOCK_N)
+    pos = offs_m + (lk - lq)
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, offs_m, offs_n,
-        offs_d, n_start, f_lo, lq, lk, left, right, qk_scale, cap_scale,
+        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, pos, offs_n,
+        offs_d, n_start, f_lo, lk, left, right, qk_scale, cap_scale,
         D, D_PAD, True, SOFTCAP, PREC, BLOCK_N, TMA, WS,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, offs_m, offs_n,
-        offs_d, f_lo, f_hi, lq, lk, left, right, qk_scale, cap_scale,
+        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, pos, offs_n,
+        offs_d, f_lo, f_hi, lk, left, right, qk_scale, cap_scale,
         D, D_PAD, False, SOFTCAP, PREC, BLOCK_N, TMA, WS,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, offs_m, offs_n,
-        offs_d, f_hi, n_end, lq, lk, left, right, qk_scale, cap_scale,
+        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, pos, offs_n,
+        offs_d, f_hi, n_end, lk, left, right, qk_scale, cap_scale,
         D, D_PAD, True, SOFTCAP, PREC, BLOCK_N, TMA, WS,
     )  # fmt: skip
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -520,60 +525,6 @@ def _split_configs() -> list:
         triton.Config({"BLOCK_N": 128, "PER_SM": 1}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_N": 32, "PER_SM": 8}, num_warps=4, num_stages=6),
     ]
-
-
-@triton.jit
-def _decode_inner(
-    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, offs_n, offs_d, lo, hi, lk,
-    left, right, qk_scale, cap_scale, D: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr,
-    SOFTCAP: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """Online softmax of the decode rows over key blocks [lo, hi) (base-2 scores, as _fwd_inner).
-
-    MASKED blocks check the sequence end and each row's visible range; the others are seen whole
-    by every real row, so their loads carry no predicates and their scores no compares.
-    """
-    k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_offs = offs_n[:, None] * stride_vs + offs_d[None, :]
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k_ptrs = k_base + start_n * stride_ks + k_offs
-        v_ptrs = v_base + start_n * stride_vs + v_offs
-        if MASKED:
-            k = tl.load(k_ptrs, mask=(cols[:, None] < lk) & (offs_d[None, :] < D), other=0.0)
-        elif D == D_PAD:
-            k = tl.load(k_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < D, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        if SOFTCAP:
-            s = _tanh(qk * qk_scale) * cap_scale
-        else:
-            s = qk * qk_scale
-        if MASKED:
-            vis = (
-                (cols[None, :] < lk)
-                & (cols[None, :] >= pos[:, None] - left)
-                & (cols[None, :] <= pos[:, None] + right)
-            )
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = m_new
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=(cols[:, None] < lk) & (offs_d[None, :] < D), other=0.0)
-        elif D == D_PAD:
-            v = tl.load(v_ptrs)
-        else:
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < D, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-        m_i = m_new
-    return acc, l_i, m_i
 
 
 # lengths, window sides and the split size change from call to call (a decode step adds a key):
@@ -687,17 +638,20 @@ def _attn_fwd_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    acc, l_i, m_i = _decode_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, offs_n, offs_d, lo, f_lo,
-        lk, left, right, qk_scale, cap_scale, D, D_PAD, True, SOFTCAP, PREC, BLOCK_N,
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, k_base, v_base, stride_ks, stride_vs, pos, offs_n,
+        offs_d, lo, f_lo, lk, left, right, qk_scale, cap_scale,
+        D, D_PAD, True, SOFTCAP, PREC, BLOCK_N, False, False,
     )  # fmt: skip
-    acc, l_i, m_i = _decode_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, offs_n, offs_d, f_lo, f_hi,
-        lk, left, right, qk_scale, cap_scale, D, D_PAD, False, SOFTCAP, PREC, BLOCK_N,
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, k_base, v_base, stride_ks, stride_vs, pos, offs_n,
+        offs_d, f_lo, f_hi, lk, left, right, qk_scale, cap_scale,
+        D, D_PAD, False, SOFTCAP, PREC, BLOCK_N, False, False,
     )  # fmt: skip
-    acc, l_i, m_i = _decode_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, offs_n, offs_d, f_hi, hi,
-        lk, left, right, qk_scale, cap_scale, D, D_PAD, True, SOFTCAP, PREC, BLOCK_N,
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, k_base, v_base, stride_ks, stride_vs, pos, offs_n,
+        offs_d, f_hi, hi, lk, left, right, qk_scale, cap_scale,
+        D, D_PAD, True, SOFTCAP, PREC, BLOCK_N, False, False,
     )  # fmt: skip
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
