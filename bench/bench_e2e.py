@@ -307,14 +307,12 @@ def _graph_train_steps(
 
     At the 1B shape a step is ~75 ms of kernels issued by ~165 ms of Python (launchers, autograd,
     checkpointing; see profile_e2e), so the GPU idles half the time. A graph replays the same
-    kernels with no host work per launch. The capture follows PyTorch's whole-network recipe:
-    warm-up steps on a side stream (Triton compiles and autotunes there, the dequant workspace and
-    optimizer state are allocated), then one step captured with static inputs, gradients reset to
-    None so backward allocates them in the graph's pool, and AdamW with ``capturable=True`` (its
-    step counter lives on the GPU). Every kernel must be free of host syncs for this to work
-    (no ``.item()``, no host-read sizes): checkpointing runs without RNG-state stashing (dropout
-    is 0 here), and cross-entropy skips its host-side label check while a capture is running.
+    kernels with no host work per launch (capture recipe and requirements:
+    :mod:`qkern_train.cuda_graph`; cross-entropy skips its host-side label check while a capture
+    is running).
     """
+    from qkern_train.cuda_graph import capture_train_step, side_stream_steps
+
     model.checkpoint_fn = functools.partial(
         torch.utils.checkpoint.checkpoint, use_reentrant=False, preserve_rng_state=False
     )
@@ -324,23 +322,10 @@ def _graph_train_steps(
     labels = shifted_labels(ids)
     # the same steps eagerly from the same adapter weights, as the check that the replayed graph
     # trains exactly as the eager code does (losses compared below)
-    # (on the side stream the warm-up uses: autograd keeps each leaf's gradient accumulator with
-    # the stream it last ran on, and one left on the legacy default stream cannot be joined to
-    # the capture below)
     start = [p.detach().clone() for p in params]
     opt = make_optimizer(params, case.optim, capturable=True)
-    eager_losses = []
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup + 1 + steps):
-            opt.zero_grad(set_to_none=True)
-            loss = model.loss(ids, labels)
-            loss.backward()
-            opt.step()
-            eager_losses.append(loss.detach().clone())
-        del loss
-    torch.cuda.current_stream().wait_stream(side)
+    eager_losses = side_stream_steps(model, opt, ids, labels, warmup + 1 + steps, side)
     eager_losses = [float(x) for x in eager_losses]
     with torch.no_grad():
         for p, p0 in zip(params, start):
@@ -349,24 +334,9 @@ def _graph_train_steps(
     opt = make_optimizer(params, case.optim, capturable=True)
     _free()
     torch.cuda.reset_peak_memory_stats()
-    losses = []
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup + 1):
-            opt.zero_grad(set_to_none=True)
-            loss = model.loss(ids, labels)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach().clone())
-        del loss
-    torch.cuda.current_stream().wait_stream(side)
+    losses = side_stream_steps(model, opt, ids, labels, warmup + 1, side)
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        static_loss = model.loss(ids, labels)
-        static_loss.backward()
-        opt.step()
+    graph, static_loss = capture_train_step(model, opt, ids, labels)
     times = []
     try:
         for _ in range(steps):

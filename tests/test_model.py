@@ -391,6 +391,7 @@ def test_gpu_training_step_replays_as_cuda_graph():
     import functools
 
     from qkern_train.checkpoint import quantize_model
+    from qkern_train.cuda_graph import capture_train_step, side_stream_steps
     from qkern_train.lora import LoraConfig, apply_lora, lora_parameters
 
     torch.manual_seed(0)
@@ -416,24 +417,10 @@ def test_gpu_training_step_replays_as_cuda_graph():
             for p, p0 in zip(params, start):
                 p.copy_(p0)
         opt = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True)
-        losses = []
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # eager steps (and warm-up) off the legacy stream
-            for _ in range(n if not graph else 2):
-                opt.zero_grad(set_to_none=True)
-                loss = model.loss(ids, labels)
-                loss.backward()
-                opt.step()
-                losses.append(loss.detach().clone())
-            del loss
-        torch.cuda.current_stream().wait_stream(side)
+        # eager steps (the graph's warm-up) off the legacy stream
+        losses = side_stream_steps(model, opt, ids, labels, 2 if graph else n, side)
         if graph:
-            g = torch.cuda.CUDAGraph()
-            opt.zero_grad(set_to_none=True)
-            with torch.cuda.graph(g):
-                static = model.loss(ids, labels)
-                static.backward()
-                opt.step()
+            g, static = capture_train_step(model, opt, ids, labels)
             for _ in range(n - 2):
                 g.replay()
                 losses.append(static.detach().clone())
