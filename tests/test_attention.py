@@ -42,10 +42,9 @@ ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 @pytest.fixture(autouse=True, scope="module")
 def _one_config_per_kernel():
     """On a GPU, compile one autotune config per kernel variant: compiling dominates the tests."""
-    saved = attn._TUNE_ALL
-    attn._TUNE_ALL = False
-    yield
-    attn._TUNE_ALL = saved
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attn, "_TUNE_ALL", False)
+        yield
 
 
 @contextlib.contextmanager

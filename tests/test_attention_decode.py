@@ -19,17 +19,11 @@ from hypothesis import strategies as st
 import qkern
 from qkern import attention as attn
 from qkern.attention import LOG2E, flash_attention, flash_attention_ref, visible_mask
-from tests.helpers import assert_close_rule, kernel_device
+from tests.helpers import assert_close_rule
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-]
+# the dense attention tests' device, dtypes, tolerances and warning filters
+from tests.test_attention import ATOL, DEV, DT, ON_GPU, pytestmark  # noqa: F401
 
-DEV = kernel_device()
-ON_GPU = DEV == "cuda"
-DT = torch.float16 if ON_GPU else torch.float32
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 D = 32  # head dim of the CPU tests (64 and 128 run on the GPU)
 
 

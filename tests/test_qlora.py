@@ -37,10 +37,9 @@ def _no_nf4_matmul_timing():
     # the GPU tests check correctness: each shape takes the first candidate instead of timing
     # them all (the variants are each forced in test_nf4_matmul_every_config; the tuner has
     # its own test below)
-    saved = qlora._NF4_TUNE
-    qlora._NF4_TUNE = False
-    yield
-    qlora._NF4_TUNE = saved
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qlora, "_NF4_TUNE", False)
+        yield
 
 
 def _weight(n, k, blocksize=64, dq=True, seed=0, device="cpu", scale=1.0):
