@@ -327,6 +327,65 @@ def _nf4_sub_dot(
 
 
 @triton.jit
+def _nf4_sub_dot_t(
+    acc,
+    c,
+    c_end,
+    q_rows,
+    rh2,
+    n_ok2,
+    el_row,
+    n_ok,
+    absmax_ptr,
+    nabs_ptr,
+    ncode_ptr,
+    code_ptr,
+    code_addr,
+    offset,
+    xt_rows,
+    rk,
+    m_ok_t,
+    SUB: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    EXACT_MUL: tl.constexpr,
+    X_KIND: tl.constexpr,
+    DECODE: tl.constexpr,
+    cdt: tl.constexpr,
+):
+    """acc[n, m] += Σ_{k in sub-chunk c} W[n, k] · x[m, k]: _nf4_sub_dot with the roles swapped.
+
+    W (rounded exactly as in _nf4_sub_dot) is the dot's first operand, built in registers as
+    one [BLOCK_N, SUB] tile (even and odd columns interleaved back into k order), and x the
+    second, a [SUB, BLOCK_M] tile loaded transposed in its own dtype: on Hopper the first
+    operand of a warpgroup MMA may come from registers, the second must sit in shared memory,
+    so only the small x tile takes the trip through shared memory, not the dequantized W.
+    """
+    HALF: tl.constexpr = SUB // 2
+    k_ok = rh2 * 0 + c < c_end  # [1, HALF]
+    packed = tl.load(q_rows + c * HALF + rh2, mask=n_ok2 & k_ok, other=0)
+    el = el_row + c * SUB
+    am = _block_absmax(
+        el // BLOCKSIZE,
+        n_ok & (el * 0 + c < c_end),
+        absmax_ptr,
+        nabs_ptr,
+        ncode_ptr,
+        offset,
+        DOUBLE_QUANT,
+        EXACT_MUL,
+    )[:, None]
+    w_even, w_odd = _code_pair(packed, code_ptr, code_addr, DECODE)  # [BLOCK_N, HALF]
+    w = tl.interleave((w_even * am).to(cdt), (w_odd * am).to(cdt))  # [BLOCK_N, SUB], k order
+    xt = tl.load(xt_rows + c * SUB + rk, mask=m_ok_t & (rk * 0 + c < c_end), other=0)
+    if X_KIND == 2:
+        acc = tl.dot(w, xt, acc=acc, input_precision="ieee")
+    else:
+        acc = tl.dot(w, xt, acc=acc)
+    return acc
+
+
+@triton.jit
 def _nf4_matmul_kernel(
     x_ptr,
     q_ptr,
@@ -375,9 +434,11 @@ def _nf4_matmul_kernel(
       sum; the threads' partials are added once at the end. W is never rounded to the compute
       dtype: y is as accurate as a float32 matmul on the dequantized weight (BLOCK_M x the
       FMAs per weight, so for small M).
-    * USE_DOT = True (BLOCK_M >= 16 rows of x, rows past M masked): W is rounded to the compute
+    * USE_DOT = 1 (BLOCK_M >= 16 rows of x, rows past M masked): W is rounded to the compute
       dtype per sub-chunk exactly as dequantize_4bit rounds it and goes through tensor cores;
       the per-weight cost is the dequant, independent of M.
+    * USE_DOT = 2: the same products as y^T = W·x^T (_nf4_sub_dot_t), so W is the operand that
+      can stay in registers.
 
     The launcher passes num_stages = 1: software pipelining would turn the code-table gathers
     into 4-byte asynchronous copies through shared memory.
@@ -414,7 +475,23 @@ def _nf4_matmul_kernel(
     n_sub = K // SUB
     c_begin = pid_s * subs_per_split
     c_end = tl.minimum(c_begin + subs_per_split, n_sub)
-    if USE_DOT:
+    if USE_DOT == 2:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        rh2 = tl.arange(0, HALF)[None, :]
+        q_rows = q_ptr + byte_row[:, None]
+        n_ok2 = n_ok[:, None]
+        rk = tl.arange(0, SUB)[:, None]  # [SUB, 1]
+        xt_rows = x_ptr + (rm64 * stride_xw * 2)[None, :]  # [1, BLOCK_M] elements
+        m_ok_t = m_ok[None, :]
+        for c in range(c_begin, c_end, UNROLL):
+            for u in tl.static_range(UNROLL):
+                acc_t = _nf4_sub_dot_t(
+                    acc_t, c + u, c_end, q_rows, rh2, n_ok2, el_row, n_ok, absmax_ptr,
+                    nabs_ptr, ncode_ptr, code_ptr, code_addr, offset, xt_rows, rk, m_ok_t, SUB,
+                    BLOCKSIZE, DOUBLE_QUANT, EXACT_MUL, X_KIND, DECODE, y_ptr.dtype.element_ty,
+                )  # fmt: skip
+        total_mn = tl.trans(acc_t)
+    elif USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         rh2 = tl.arange(0, HALF)[None, :]
         q_rows = q_ptr + byte_row[:, None]
@@ -731,7 +808,10 @@ def _grad_x_quarter(dx_ptr, u, a_ptr, bits_ptr, rm, m_ok, k0, ri, rr, r_ok, K, K
     tl.store(dx_ptr + offs, dx.to(dt), mask=mask)
 
 
-@triton.autotune(configs=_dropout_configs(), key=["K", "R_PAD"])
+# dx is read and written in place (it already holds dY·W): restore_value makes the autotuner
+# put it back after every timing run, else the first call of a new key returns dx with the
+# adapter term added once per timing run
+@triton.autotune(configs=_dropout_configs(), key=["K", "R_PAD"], restore_value=["dx_ptr"])
 @triton.jit
 def _lora_grad_x_dropout_kernel(
     dx_ptr,
@@ -820,9 +900,9 @@ def nf4_matmul_supported(in_features: int, state: QuantState) -> bool:
 
 # Candidate configurations of _nf4_matmul_kernel, timed once per (M, N, K, blocksize, double
 # quant, dtype, bias, device) on the GPU; the interpreter takes the first one that applies.
-#   DOT: tensor cores (BLOCK_M = 16 or 32) or CUDA-core FMAs (BLOCK_M = M rounded up to a power
-#     of two, only for M <= _FMA_MAX_M: BLOCK_M FMAs per weight and BLOCK_M·2·VEC x values per
-#     thread and sub-chunk in registers).
+#   DOT: 1 / 2 tensor cores (BLOCK_M = 16 or 32; 2 = W as the MMA's first operand) or 0
+#     CUDA-core FMAs (BLOCK_M = M rounded up to a power of two, only for M <= _FMA_MAX_M:
+#     BLOCK_M FMAs per weight and BLOCK_M·2·VEC x values per thread and sub-chunk in registers).
 #   BLOCK_N rows of W per program; VEC bytes per thread and row of a sub-chunk (FMA: 16 = one
 #     16-byte load, 32 weights); UNROLL sub-chunks per loop iteration; DECODE (see _code_pair).
 #   PER_SM: split K so that the grid has about PER_SM programs per SM, all resident at once
@@ -840,14 +920,17 @@ _NF4_MM_KEYS = ("DOT", "BLOCK_N", "VEC", "UNROLL", "DECODE", "num_warps", "PER_S
 _NF4_MM_CONFIGS = tuple(
     dict(zip(_NF4_MM_KEYS, c))
     for c in (
-        (False, 64, 16, 4, 1, 4, 8),
-        (False, 128, 16, 2, 1, 4, 4),
-        (False, 64, 16, 4, 0, 4, 8),
-        (False, 64, 8, 4, 1, 4, 8),
-        (False, 32, 8, 8, 1, 4, 0),
-        (True, 64, 16, 2, 1, 4, 8),
-        (True, 64, 16, 4, 1, 4, 4),
-        (True, 128, 16, 2, 1, 8, 4),
+        (0, 64, 16, 4, 1, 4, 8),
+        (0, 128, 16, 2, 1, 4, 4),
+        (0, 64, 16, 4, 0, 4, 8),
+        (0, 64, 8, 4, 1, 4, 8),
+        (0, 32, 8, 8, 1, 4, 0),
+        (1, 64, 16, 2, 1, 4, 8),
+        (1, 64, 16, 4, 1, 4, 4),
+        (1, 128, 16, 2, 1, 8, 4),
+        (2, 64, 16, 2, 1, 4, 8),
+        (2, 64, 16, 4, 1, 4, 4),
+        (2, 128, 16, 2, 1, 8, 4),
     )
 )
 
@@ -863,8 +946,10 @@ _NF4_TUNED: dict[tuple, dict] = {}
 
 
 def _nf4_candidates(m: int) -> list[dict]:
-    """The configurations that apply to M rows: FMA ones up to _FMA_MAX_M, dot ones from 2."""
-    return [c for c in _NF4_MM_CONFIGS if (m >= 2 if c["DOT"] else m <= _FMA_MAX_M)]
+    """The configurations that apply to M rows: FMA ones up to _FMA_MAX_M, x·Wᵀ dot ones from
+    2, W·xᵀ dot ones from 1."""
+    fits = {0: m <= _FMA_MAX_M, 1: m >= 2, 2: True}
+    return [c for c in _NF4_MM_CONFIGS if fits[c["DOT"]]]
 
 
 @dataclasses.dataclass
@@ -1629,12 +1714,12 @@ def qlora_linear(
     return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], n)
 
 
-# The fused dropout kernels pass every interpreter test, but on an H200 (triton 3.6) at M=8192
-# the benchmark measured a wrong dX for 4096->4096 and 14336->4096 with p=0.1 (relative error
-# 49 and 26; y, dA and dB were right). Until that is found, CUDA tensors with dropout take the
-# composed path below: the same seeded mask (lora_dropout_mask), applied in PyTorch, around the
-# frozen NF4 linear. It costs one more pass over x and a saved bool mask (M*K bytes).
-FUSED_DROPOUT_ON_CUDA = False
+# The fused dropout kernels run on CUDA. (An H200 benchmark once measured a wrong dX with them
+# at M=8192: the in-place dX kernel was autotuned without restoring dx between timing runs, so
+# the first call of each new K added the adapter term once per run. False sends CUDA tensors
+# with dropout through the composed path below instead: the same seeded mask applied in
+# PyTorch around the frozen NF4 linear, one more pass over x and a saved bool mask.)
+FUSED_DROPOUT_ON_CUDA = True
 
 
 def _qlora_linear_masked(x2, packed, state, lora_a, lora_b, scaling, bias, p, seed):

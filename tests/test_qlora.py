@@ -580,13 +580,15 @@ def test_nf4_matmul_small_m_shapes(m, n, k32, bs, half):
 
 
 def test_nf4_matmul_candidates_cover_small_m():
-    # every M up to NF4_MATMUL_MAX_M has candidates; FMA ones stop at _FMA_MAX_M, tensor-core
-    # ones start at 2 rows; the forced configuration is the only one a new entry uses
+    # every M up to NF4_MATMUL_MAX_M has candidates; FMA ones stop at _FMA_MAX_M, x·Wᵀ
+    # tensor-core ones start at 2 rows, W·xᵀ ones at 1; the forced configuration is the only
+    # one a new entry uses
     for m in range(1, qlora.NF4_MATMUL_MAX_M + 1):
         cands = qlora._nf4_candidates(m)
         assert cands
         assert all(c["DOT"] or m <= qlora._FMA_MAX_M for c in cands)
-        assert any(c["DOT"] for c in cands) == (m >= 2)
+        assert any(c["DOT"] == 1 for c in cands) == (m >= 2)
+        assert any(c["DOT"] == 2 for c in cands)
 
 
 def _record_host_path(monkeypatch):
@@ -927,6 +929,31 @@ def test_gpu_qlora_linear(dtype, rows, n, k, p):
     want = _grads(y64, leaves[:3], gy)
     for name, g1, gt, g2 in zip(("dX", "dA", "dB"), got, same, want):
         assert_close_rule(g1, g2, gt, atol=_atol(g2, dtype), name=name)
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_dx_right_on_a_new_autotuning_key():
+    """The dX kernel with dropout adds into dx in place and is autotuned on the first call of
+    each K: every timing run must start from the same dx, so that call's dX equals the composed
+    path's (without restore_value it came out 26-49x too large at M=8192 on an H200)."""
+    assert qlora.FUSED_DROPOUT_ON_CUDA
+    qlora._lora_grad_x_dropout_kernel.cache.clear()  # a fresh key: the next call autotunes
+    packed, state, _ = _weight(512, 2048, seed=9, device="cuda", scale=0.02)
+    x, a, b, _ = _inputs((1024,), 512, 2048, 16, torch.bfloat16, "cuda", bias=False)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, a, b)]
+    fused = qlora._QLoRALinearFunction.apply(
+        leaves[0], packed, state, leaves[1], leaves[2], 2.0, None, 0.1, 5, False
+    )
+    twins = [t.detach().clone().requires_grad_() for t in (x, a, b)]
+    composed = qlora._qlora_linear_masked(twins[0], packed, state, twins[1], twins[2], 2.0,
+                                          None, 0.1, 5)  # fmt: skip
+    gy = torch.randn_like(fused)
+    for name, g1, g2 in zip(
+        ("dX", "dA", "dB"),
+        torch.autograd.grad(fused, leaves, gy),
+        torch.autograd.grad(composed, twins, gy),
+    ):
+        assert rel_err(g1, g2) < 1e-2, name
 
 
 @pytest.mark.gpu
