@@ -235,7 +235,7 @@ def _config_name(cfg: dict | None) -> str:
     """A short name of an nf4_matmul configuration, e.g. fma-n64-v16-u4-d1-w4-s8."""
     if cfg is None:
         return "fallback"
-    kind = ("fma", "dot", "dotT")[int(cfg["DOT"])]
+    kind = ("fma", "dot", "dotT", "dotP")[int(cfg["DOT"])]
     return (
         f"{kind}-n{cfg['BLOCK_N']}-v{cfg['VEC']}-u{cfg['UNROLL']}-d{cfg['DECODE']}"
         f"-w{cfg['num_warps']}-s{cfg['PER_SM']}"

@@ -115,7 +115,7 @@ def _ops(n: int, k: int, ms: list[int]) -> dict:
                 ql.NF4_MATMUL_CONFIG = cfg
                 ql._MM_CACHE.clear()  # a new launch entry with the forced configuration
                 e = ql._mm_lookup(x, packed, state, None)
-                kind = ("fma", "dot", "dotT")[int(cfg["DOT"])]
+                kind = ("fma", "dot", "dotT", "dotP")[int(cfg["DOT"])]
                 name = f"M={m} qkern {kind}-n{cfg['BLOCK_N']}-u{cfg['UNROLL']}-s{cfg['PER_SM']}"
                 name += f"-v{cfg['VEC']}-d{cfg['DECODE']}-w{cfg['num_warps']}"
                 ops[name] = lambda e=e, x=x: ql._mm_run(e, x, packed, None, None)

@@ -352,6 +352,7 @@ def _nf4_sub_dot_t(
     X_KIND: tl.constexpr,
     DECODE: tl.constexpr,
     cdt: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """acc[n, m] += Σ_{k in sub-chunk c} W[n, k] · x[m, k]: _nf4_sub_dot with the roles swapped.
 
@@ -360,6 +361,13 @@ def _nf4_sub_dot_t(
     second, a [SUB, BLOCK_M] tile loaded transposed in its own dtype: on Hopper the first
     operand of a warpgroup MMA may come from registers, the second must sit in shared memory,
     so only the small x tile takes the trip through shared memory, not the dequantized W.
+
+    PAIRS (16-bit x only): ``code_addr`` is instead the 1 KB table of each byte value's two
+    codes already in the compute dtype (_pair_table, 1024-byte aligned): one 4-byte gather per
+    byte gives both weights, and the block scale multiplies the MMA's fp32 result for the
+    sub-chunk (BLOCK_N x BLOCK_M products) rather than every weight. W is then cdt(code), not
+    cdt(code · absmax): the scale is applied in fp32 after the products (same order of error,
+    not dequantize_4bit's bits).
     """
     HALF: tl.constexpr = SUB // 2
     k_ok = rh2 * 0 + c < c_end  # [1, HALF]
@@ -375,10 +383,20 @@ def _nf4_sub_dot_t(
         DOUBLE_QUANT,
         EXACT_MUL,
     )[:, None]
-    w_even, w_odd = _code_pair(packed, code_ptr, code_addr, DECODE)  # [BLOCK_N, HALF]
-    w = tl.interleave((w_even * am).to(cdt), (w_odd * am).to(cdt))  # [BLOCK_N, SUB], k order
+    if PAIRS:
+        # little endian: the low half of a table word is the high nibble's code (element 2j)
+        at = (code_addr | (packed.to(tl.int32) << 2).to(tl.int64)).to(tl.pointer_type(tl.int32))
+        words = tl.load(at)  # [BLOCK_N, HALF]
+        first = words.to(tl.int16).to(cdt, bitcast=True)
+        second = (words >> 16).to(tl.int16).to(cdt, bitcast=True)
+        w = tl.interleave(first, second)  # [BLOCK_N, SUB] codes, k order
+    else:
+        w_even, w_odd = _code_pair(packed, code_ptr, code_addr, DECODE)  # [BLOCK_N, HALF]
+        w = tl.interleave((w_even * am).to(cdt), (w_odd * am).to(cdt))  # [BLOCK_N, SUB], k order
     xt = tl.load(xt_rows + c * SUB + rk, mask=m_ok_t & (rk * 0 + c < c_end), other=0)
-    if X_KIND == 2:
+    if PAIRS:
+        acc += tl.dot(w, xt) * am
+    elif X_KIND == 2:
         acc = tl.dot(w, xt, acc=acc, input_precision="ieee")
     else:
         acc = tl.dot(w, xt, acc=acc)
@@ -438,7 +456,7 @@ def _nf4_matmul_kernel(
       dtype per sub-chunk exactly as dequantize_4bit rounds it and goes through tensor cores;
       the per-weight cost is the dequant, independent of M.
     * USE_DOT = 2: the same products as y^T = W·x^T (_nf4_sub_dot_t), so W is the operand that
-      can stay in registers.
+      can stay in registers. USE_DOT = 3: the same with the byte-pair code table (16-bit x).
 
     The launcher passes num_stages = 1: software pipelining would turn the code-table gathers
     into 4-byte asynchronous copies through shared memory.
@@ -475,7 +493,7 @@ def _nf4_matmul_kernel(
     n_sub = K // SUB
     c_begin = pid_s * subs_per_split
     c_end = tl.minimum(c_begin + subs_per_split, n_sub)
-    if USE_DOT == 2:
+    if USE_DOT >= 2:
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         rh2 = tl.arange(0, HALF)[None, :]
         q_rows = q_ptr + byte_row[:, None]
@@ -489,6 +507,7 @@ def _nf4_matmul_kernel(
                     acc_t, c + u, c_end, q_rows, rh2, n_ok2, el_row, n_ok, absmax_ptr,
                     nabs_ptr, ncode_ptr, code_ptr, code_addr, offset, xt_rows, rk, m_ok_t, SUB,
                     BLOCKSIZE, DOUBLE_QUANT, EXACT_MUL, X_KIND, DECODE, y_ptr.dtype.element_ty,
+                    USE_DOT == 3,
                 )  # fmt: skip
         total_mn = tl.trans(acc_t)
     elif USE_DOT:
@@ -900,9 +919,10 @@ def nf4_matmul_supported(in_features: int, state: QuantState) -> bool:
 
 # Candidate configurations of _nf4_matmul_kernel, timed once per (M, N, K, blocksize, double
 # quant, dtype, bias, device) on the GPU; the interpreter takes the first one that applies.
-#   DOT: 1 / 2 tensor cores (BLOCK_M = 16 or 32; 2 = W as the MMA's first operand) or 0
-#     CUDA-core FMAs (BLOCK_M = M rounded up to a power of two, only for M <= _FMA_MAX_M:
-#     BLOCK_M FMAs per weight and BLOCK_M·2·VEC x values per thread and sub-chunk in registers).
+#   DOT: 1 / 2 / 3 tensor cores (BLOCK_M = 16 or 32; 2 = W as the MMA's first operand; 3 = the
+#     same with the byte-pair code table, 16-bit x only) or 0 CUDA-core FMAs (BLOCK_M = M
+#     rounded up to a power of two, only for M <= _FMA_MAX_M: BLOCK_M FMAs per weight and
+#     BLOCK_M·2·VEC x values per thread and sub-chunk in registers).
 #   BLOCK_N rows of W per program; VEC bytes per thread and row of a sub-chunk (FMA: 16 = one
 #     16-byte load, 32 weights); UNROLL sub-chunks per loop iteration; DECODE (see _code_pair).
 #   PER_SM: split K so that the grid has about PER_SM programs per SM, all resident at once
@@ -931,6 +951,9 @@ _NF4_MM_CONFIGS = tuple(
         (2, 64, 16, 2, 1, 4, 8),
         (2, 64, 16, 4, 1, 4, 4),
         (2, 128, 16, 2, 1, 8, 4),
+        (3, 64, 16, 2, 1, 4, 8),
+        (3, 64, 16, 4, 1, 4, 4),
+        (3, 128, 16, 2, 1, 8, 4),
     )
 )
 
@@ -945,10 +968,10 @@ _NF4_TUNE = True
 _NF4_TUNED: dict[tuple, dict] = {}
 
 
-def _nf4_candidates(m: int) -> list[dict]:
-    """The configurations that apply to M rows: FMA ones up to _FMA_MAX_M, x·Wᵀ dot ones from
-    2, W·xᵀ dot ones from 1."""
-    fits = {0: m <= _FMA_MAX_M, 1: m >= 2, 2: True}
+def _nf4_candidates(m: int, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """The configurations that apply to M rows of x in ``dtype``: FMA ones up to _FMA_MAX_M, x·Wᵀ
+    dot ones from 2, W·xᵀ dot ones from 1, the byte-pair ones from 1 for 16-bit x."""
+    fits = {0: m <= _FMA_MAX_M, 1: m >= 2, 2: True, 3: dtype != torch.float32}
     return [c for c in _NF4_MM_CONFIGS if fits[c["DOT"]]]
 
 
@@ -1034,6 +1057,33 @@ def _aligned_code(code: torch.Tensor) -> torch.Tensor:
     return copy
 
 
+# (id(code table), dtype) -> the table's byte-pair words; an entry goes when its code table dies
+_PAIR_TABLES: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+
+def _pair_table(code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int32 table of the 256 byte values: word b = bits(dtype(code[b >> 4])) in the low half
+    (element 2j of a row: the byte's high nibble) and bits(dtype(code[b & 15])) in the high
+    half, at a 1024-byte aligned address (the kernel ORs 4·b into it). Made once per code table
+    and dtype, kept while the table lives (tables are read-only, see QuantState)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"the byte-pair code table is for 16-bit x, got {dtype}")
+    key = (id(code), dtype)
+    table = _PAIR_TABLES.get(key)
+    if table is None:
+        bits = code.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+        b = torch.arange(256, device=code.device)
+        words = bits[b >> 4] | (bits[b & 15] << 16)
+        words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+        backing = torch.empty(512, dtype=torch.int32, device=code.device)  # 2 KB: room to align
+        start = (-backing.data_ptr() % 1024) // 4
+        table = backing[start : start + 256]
+        table.copy_(words)
+        _PAIR_TABLES[key] = table
+        weakref.finalize(code, _PAIR_TABLES.pop, key, None)  # before the id can be reused
+    return table
+
+
 # ---- nf4_matmul host path -------------------------------------------------------------------
 #
 # At decode the kernel reads 8.4 MB (4096x4096) in a few µs, so the Python around the launch
@@ -1113,7 +1163,7 @@ def _mm_entry(
         e.word = 8 if x.dtype == torch.float32 else 4
         cfg = NF4_MATMUL_CONFIG
         if cfg is None:
-            cands = pick_configs(_nf4_candidates(e.m))
+            cands = pick_configs(_nf4_candidates(e.m, e.dtype))
             # no timing inside a CUDA-graph capture (it synchronizes): an untuned shape met
             # there for the first time takes the first candidate
             capturing = e.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -1140,7 +1190,9 @@ def _mm_configure(e: _MMEntry, state: QuantState, bias: torch.Tensor | None, cfg
         state.absmax,
         state.nested_absmax if dq else state.absmax,
         state.nested_code if dq else state.code,
-        _aligned_code(state.code) if cfg["DECODE"] == 1 else state.code,
+        _pair_table(state.code, e.dtype)
+        if cfg["DOT"] == 3
+        else (_aligned_code(state.code) if cfg["DECODE"] == 1 else state.code),
     )
     e.tail = (
         plan.part,

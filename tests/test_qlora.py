@@ -503,6 +503,8 @@ def test_nf4_matmul_every_config(monkeypatch, cfg, case):
     # sub-chunks whose quant blocks cross rows); the interpreter's 4 "SMs" give split-K grids
     m, n, k, bs, dtype = case
     config = qlora._NF4_MM_CONFIGS[cfg]
+    if config not in qlora._nf4_candidates(m + 13 if config["DOT"] else m, dtype):
+        pytest.skip("not a candidate for this dtype")  # the byte-pair variants: 16-bit x only
     if config["DOT"]:
         m = m + 13  # the tensor-core variants are candidates from M = 2 on; 14 and 16 rows here
     elif m > qlora._FMA_MAX_M:
@@ -589,6 +591,8 @@ def test_nf4_matmul_candidates_cover_small_m():
         assert all(c["DOT"] or m <= qlora._FMA_MAX_M for c in cands)
         assert any(c["DOT"] == 1 for c in cands) == (m >= 2)
         assert any(c["DOT"] == 2 for c in cands)
+        assert any(c["DOT"] == 3 for c in cands)
+        assert not any(c["DOT"] == 3 for c in qlora._nf4_candidates(m, torch.float32))
 
 
 def _record_host_path(monkeypatch):
@@ -969,6 +973,27 @@ def test_gpu_nf4_matmul(dtype, m, n, k):
     same = x @ dequantize_4bit(packed, state, dtype=dtype).t()
     assert_close_rule(y, ref64, same, atol=_atol(ref64, dtype))
     assert torch.equal(y, nf4_matmul(x, packed, state))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", range(len(qlora._NF4_MM_CONFIGS)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_nf4_matmul_every_config(monkeypatch, cfg, dtype):
+    # each candidate the tuner may pick, forced, in the 16-bit dtypes the CPU tests cannot run
+    # (bf16), at a real shape and at K = 96 (32-element sub-chunks), M = 1 and 8 where it applies
+    config = qlora._NF4_MM_CONFIGS[cfg]
+    monkeypatch.setattr(qlora, "NF4_MATMUL_CONFIG", config)
+    for n, k in ((4096, 4096), (1000, 96)):
+        packed, state, w64 = _weight(n, k, seed=cfg, device="cuda", scale=0.02)
+        for m in (1, 8):
+            if config not in qlora._nf4_candidates(m, dtype):
+                continue
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            y = nf4_matmul(x, packed, state, out=poisoned((m, n), dtype, "cuda"))
+            assert qlora._mm_lookup(x, packed, state, None).config is config
+            ref64 = x.double() @ w64.cuda().t()
+            same = x @ dequantize_4bit(packed, state, dtype=dtype).t()
+            assert_close_rule(y, ref64, same, atol=_atol(ref64, dtype))
 
 
 @pytest.mark.gpu
