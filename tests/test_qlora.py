@@ -537,7 +537,7 @@ def test_nf4_matmul_tuner_runs_every_candidate(monkeypatch):
     packed, state, w64 = _weight(n, k, blocksize=64, seed=7, device=dev)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(7)).to(dev)
     ref64 = x.double().cpu() @ w64.t()
-    cands = qlora._nf4_candidates(m)
+    cands = qlora._nf4_candidates(m, x.dtype)
     assert len(cands) >= 2
     seen = []
 
