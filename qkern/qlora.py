@@ -446,7 +446,7 @@ def _nf4_matmul_kernel(
     through a word view (one load per two elements, split exactly into the element of the high
     nibble and that of the low one).
 
-    * USE_DOT = False: CUDA-core FMAs on the exact float32 codes. Each thread streams VEC
+    * USE_DOT = 0: CUDA-core FMAs on the exact float32 codes. Each thread streams VEC
       contiguous bytes per row and sub-chunk (16: one 16-byte load) and keeps its partial sums
       in registers for the whole K range; the block scale multiplies each thread's per-block
       sum; the threads' partials are added once at the end. W is never rounded to the compute
@@ -456,7 +456,8 @@ def _nf4_matmul_kernel(
       dtype per sub-chunk exactly as dequantize_4bit rounds it and goes through tensor cores;
       the per-weight cost is the dequant, independent of M.
     * USE_DOT = 2: the same products as y^T = W·x^T (_nf4_sub_dot_t), so W is the operand that
-      can stay in registers. USE_DOT = 3: the same with the byte-pair code table (16-bit x).
+      can stay in registers. USE_DOT = 3: the same with the byte-pair code table (16-bit x;
+      it rounds differently, see _nf4_sub_dot_t).
 
     The launcher passes num_stages = 1: software pipelining would turn the code-table gathers
     into 4-byte asynchronous copies through shared memory.
@@ -1038,50 +1039,53 @@ def _nf4_plan(m: int, n: int, k: int, blocksize: int, device: torch.device, cfg:
 
 _X_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
-_ALIGNED_CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Tables derived from a code table (an aligned copy, byte-pair words per dtype), keyed by
+# (id(code table), what): an entry goes when its code table dies, before the id can be reused.
+# (A WeakKeyDictionary cannot hold tensors: its lookups compare keys with ==.)
+_CODE_DERIVED: dict[tuple, torch.Tensor] = {}
+
+
+def _derived(code: torch.Tensor, what, build) -> torch.Tensor:
+    """``build(code)``, made once per code table and ``what`` and kept while the table lives
+    (code tables are read-only, see QuantState)."""
+    key = (id(code), what)
+    table = _CODE_DERIVED.get(key)
+    if table is None:
+        table = _CODE_DERIVED[key] = build(code)
+        weakref.finalize(code, _CODE_DERIVED.pop, key, None)
+    return table
 
 
 def _aligned_code(code: torch.Tensor) -> torch.Tensor:
     """The code table at a 64-byte aligned address (the kernel ORs 4·q into it, _code_pair).
 
     Tables made by quantize_4bit are fresh allocations (aligned); one sliced out of a loaded
-    file may not be, and gets a copy, made once and kept while the table lives (tables are
-    read-only, see QuantState).
+    file may not be, and gets a copy (a fresh allocation is at least 256-byte aligned).
     """
     if code.data_ptr() % 64 == 0:
         return code
-    copy = _ALIGNED_CODES.get(code)
-    if copy is None:
-        copy = code.clone()  # a fresh allocation is at least 256-byte aligned
-        _ALIGNED_CODES[code] = copy
-    return copy
+    return _derived(code, "aligned", torch.clone)
 
 
-# (id(code table), dtype) -> the table's byte-pair words; an entry goes when its code table dies
-_PAIR_TABLES: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+def _pair_words(code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    bits = code.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    b = torch.arange(256, device=code.device)
+    words = bits[b >> 4] | (bits[b & 15] << 16)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    backing = torch.empty(512, dtype=torch.int32, device=code.device)  # 2 KB: room to align
+    start = (-backing.data_ptr() % 1024) // 4
+    table = backing[start : start + 256]
+    table.copy_(words)
+    return table
 
 
 def _pair_table(code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int32 table of the 256 byte values: word b = bits(dtype(code[b >> 4])) in the low half
     (element 2j of a row: the byte's high nibble) and bits(dtype(code[b & 15])) in the high
-    half, at a 1024-byte aligned address (the kernel ORs 4·b into it). Made once per code table
-    and dtype, kept while the table lives (tables are read-only, see QuantState)."""
+    half, at a 1024-byte aligned address (the kernel ORs 4·b into it)."""
     if dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"the byte-pair code table is for 16-bit x, got {dtype}")
-    key = (id(code), dtype)
-    table = _PAIR_TABLES.get(key)
-    if table is None:
-        bits = code.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
-        b = torch.arange(256, device=code.device)
-        words = bits[b >> 4] | (bits[b & 15] << 16)
-        words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-        backing = torch.empty(512, dtype=torch.int32, device=code.device)  # 2 KB: room to align
-        start = (-backing.data_ptr() % 1024) // 4
-        table = backing[start : start + 256]
-        table.copy_(words)
-        _PAIR_TABLES[key] = table
-        weakref.finalize(code, _PAIR_TABLES.pop, key, None)  # before the id can be reused
-    return table
+    return _derived(code, dtype, lambda c: _pair_words(c, dtype))
 
 
 # ---- nf4_matmul host path -------------------------------------------------------------------
@@ -1171,11 +1175,35 @@ def _mm_entry(
                 cfg = _NF4_TUNED.get(_nf4_tune_key(e, state, bias), cands[0])
             else:
                 cfg = _nf4_tune(e, x, packed, state, bias, cands)
-        _mm_configure(e, state, bias, cfg)
+        _mm_configure(e, state, bias, _runnable_config(cfg, state.code, e.dtype, e.device))
     if len(entries) >= _MM_MAX_KEYS:
         entries.clear()
     entries[key] = e
     return e
+
+
+def _runnable_config(cfg: dict, code: torch.Tensor, dtype: torch.dtype, device) -> dict:
+    """``cfg``, or the nearest configuration that runs here without building a table.
+
+    The byte-pair table (DOT 3) exists for 16-bit x only: fp32 x takes the W-first variant of
+    the same shape. Inside a CUDA-graph capture nothing may be allocated and filled for later
+    eager calls (the fill would only be recorded): a code table that has no byte-pair table /
+    aligned copy yet takes the W-first variant / the add-addressed decode instead.
+    """
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if cfg["DOT"] == 3 and (
+        dtype == torch.float32 or (capturing and (id(code), dtype) not in _CODE_DERIVED)
+    ):
+        cfg = {**cfg, "DOT": 2}
+    if (
+        cfg["DOT"] != 3
+        and cfg["DECODE"] == 1
+        and capturing
+        and code.data_ptr() % 64
+        and (id(code), "aligned") not in _CODE_DERIVED
+    ):
+        cfg = {**cfg, "DECODE": 0}
+    return cfg
 
 
 def _mm_configure(e: _MMEntry, state: QuantState, bias: torch.Tensor | None, cfg: dict) -> None:

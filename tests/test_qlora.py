@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import triton
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -426,24 +427,100 @@ def test_nf4_matmul_vs_dequant_matmul(m, shape):
     assert torch.equal(y, y2)  # split-K reduction in a fixed order: deterministic
 
 
+def _one_hot_weights(packed, state, dtype, byte_pairs):
+    """W as a one-hot row of x reads it from nf4_matmul: dequantize_4bit's bits, or for the
+    byte-pair variants dtype(fp32(dtype(code)) · absmax), the block scale applied after the
+    products (see qlora._nf4_sub_dot_t)."""
+    n, k = state.shape
+    if not byte_pairs:
+        with qkern.backend("reference"):
+            return dequantize_4bit(packed.cpu(), state.to("cpu"), dtype=dtype)
+    from qkern.nf4 import unpack_4bit_ref
+
+    st = state.to("cpu")
+    q = unpack_4bit_ref(packed.cpu().reshape(-1), n * k).long()
+    scale = st.dequantized_absmax().float()[torch.arange(n * k) // st.blocksize]
+    return (st.code.to(dtype).float()[q] * scale).to(dtype).view(n, k)
+
+
+def _check_one_hot(monkeypatch, packed, state, dtype, cols, m_values):
+    """Every applicable candidate, forced, on one-hot rows of x picking ``cols``."""
+    n, k = state.shape
+    dev = packed.device
+    checked = 0
+    for config in qlora._NF4_MM_CONFIGS:
+        w = _one_hot_weights(packed, state, dtype, config["DOT"] == 3)
+        for m in m_values:
+            if config not in qlora._nf4_candidates(m, dtype):
+                continue
+            monkeypatch.setattr(qlora, "NF4_MATMUL_CONFIG", config)
+            monkeypatch.setattr(qlora, "_MM_CACHE", {})  # a new entry with this configuration
+            c = cols[:m]
+            x = torch.zeros(m, k, dtype=dtype, device=dev)
+            x[torch.arange(m), c.to(dev)] = 1
+            with qkern.backend("triton"):
+                y = nf4_matmul(x, packed, state)
+                assert qlora._mm_lookup(x, packed, state, None).config is config
+            assert torch.equal(y.cpu(), w[:, c].t()), config
+            checked += 1
+    assert checked >= 4
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dq", [True, False])
-def test_nf4_matmul_dequantizes_exactly(dtype, dq):
+def test_nf4_matmul_dequantizes_exactly(monkeypatch, dtype, dq):
     # one-hot rows pick single columns of W: the in-kernel dequant (absmax through the double
-    # quant formula included) must equal dequantize_4bit bit for bit
+    # quant formula included) must equal dequantize_4bit bit for bit, with every candidate but
+    # the byte-pair ones, which must equal their own documented rounding
     dev = kernel_device()
     n, k = 40, 192
     packed, state, _ = _weight(n, k, dq=dq, seed=4, device=dev, scale=3.0)
-    cols = torch.tensor([0, 1, 63, 64, 100, 191, 127, 128])
-    x = torch.zeros(len(cols), k, dtype=dtype, device=dev)
-    x[torch.arange(len(cols)), cols] = 1
-    with qkern.backend("reference"):
-        w = dequantize_4bit(packed.cpu(), state.to("cpu"), dtype=dtype)
+    cols = torch.tensor([0, 1, 63, 64, 100, 191, 127, 128, 5, 6, 7, 8, 9, 10, 11, 12])
+    _check_one_hot(monkeypatch, packed, state, dtype, cols, (1, 8, 16))
+
+
+def test_code_tables_derived_once_with_the_documented_layout():
+    # the byte-pair table: word b holds the codes of b's high nibble (low half: element 2j)
+    # and low nibble (high half), in the compute dtype, at a 1024-byte aligned address; made
+    # once per code table and dtype; a second lookup of the same table (another x shape) gets
+    # the same tensor (a WeakKeyDictionary cache used to fail there: it compares tensors)
+    _, state, _ = _weight(8, 64, seed=2)
+    code = state.code
+    for dtype in (torch.bfloat16, torch.float16):
+        t = qlora._pair_table(code, dtype)
+        assert t.dtype == torch.int32 and t.numel() == 256 and t.data_ptr() % 1024 == 0
+        assert qlora._pair_table(code, dtype) is t
+        lo = (t & 0xFFFF).to(torch.int16).view(dtype)
+        hi = (t >> 16).to(torch.int16).view(dtype)
+        b = torch.arange(256)
+        assert torch.equal(lo, code.to(dtype)[b >> 4])
+        assert torch.equal(hi, code.to(dtype)[b & 15])
+    with pytest.raises(TypeError, match="16-bit"):
+        qlora._pair_table(code, torch.float32)
+    sliced = torch.cat([torch.zeros(1), code])[1:]
+    assert sliced.data_ptr() % 64 != 0
+    a = qlora._aligned_code(sliced)
+    assert a.data_ptr() % 64 == 0 and torch.equal(a, code)
+    assert qlora._aligned_code(sliced) is a
+    key = (id(sliced), "aligned")
+    del sliced  # the cache entry goes with its code table
+    assert key not in qlora._CODE_DERIVED
+
+
+def test_nf4_matmul_byte_pair_config_forced_on_fp32_runs_w_first(monkeypatch):
+    # the byte-pair table is for 16-bit x: a forced byte-pair configuration on fp32 x runs the
+    # W-first variant of the same shape instead of failing
+    dev = kernel_device()
+    packed, state, w64 = _weight(24, 128, seed=5, device=dev)
+    config = next(c for c in qlora._NF4_MM_CONFIGS if c["DOT"] == 3)
+    monkeypatch.setattr(qlora, "NF4_MATMUL_CONFIG", config)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5)).to(dev)
     with qkern.backend("triton"):
         y = nf4_matmul(x, packed, state)
-        y1 = nf4_matmul(x[3:4], packed, state)  # the single-row (FMA) variant
-    assert torch.equal(y.cpu(), w[:, cols].t())
-    assert torch.equal(y1.cpu(), w[:, cols[3:4]].t())
+        entry = qlora._mm_lookup(x, packed, state, None)
+    assert entry.config == {**config, "DOT": 2}
+    ref64 = x.double().cpu() @ w64.t()
+    assert_close_rule(y, ref64, (x.cpu() @ w64.float().t()), atol=1e-4)
 
 
 def test_nf4_matmul_strided_and_misaligned_inputs():
@@ -496,22 +573,29 @@ def test_nf4_matmul_bad_inputs():
 
 
 @pytest.mark.parametrize("cfg", range(len(qlora._NF4_MM_CONFIGS)))
-@pytest.mark.parametrize("case", [(1, 37, 192, 64, torch.float16), (3, 70, 160, 64, torch.float32)])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (1, 37, 192, 64, True, torch.float16),
+        (3, 70, 160, 64, True, torch.float32),
+        (2, 29, 256, 128, False, torch.float16),
+        (1, 40, 96, 32, True, torch.float16),
+    ],
+)
 def test_nf4_matmul_every_config(monkeypatch, cfg, case):
     # each candidate the GPU tuner may pick, forced: odd N (a partial row tile), K = 3 or 5
     # sub-chunks (a partial unrolled iteration), blocksize 64 with K % 64 != 0 (32-element
-    # sub-chunks whose quant blocks cross rows); the interpreter's 4 "SMs" give split-K grids
-    m, n, k, bs, dtype = case
+    # sub-chunks whose quant blocks cross rows), blocksizes 128 (no double quant) and 32; the
+    # interpreter's 4 "SMs" give split-K grids
+    m, n, k, bs, dq, dtype = case
     config = qlora._NF4_MM_CONFIGS[cfg]
-    if config not in qlora._nf4_candidates(m + 13 if config["DOT"] else m, dtype):
-        pytest.skip("not a candidate for this dtype")  # the byte-pair variants: 16-bit x only
     if config["DOT"]:
-        m = m + 13  # the tensor-core variants are candidates from M = 2 on; 14 and 16 rows here
-    elif m > qlora._FMA_MAX_M:
-        pytest.skip("FMA variants apply to small M only")
+        m = m + 13  # the tensor-core variants: 14 to 16 rows here
+    if config not in qlora._nf4_candidates(m, dtype):
+        pytest.skip("not a candidate for this dtype")  # the byte-pair variants: 16-bit x only
     monkeypatch.setattr(qlora, "NF4_MATMUL_CONFIG", config)
     dev = kernel_device()
-    packed, state, w64 = _weight(n, k, blocksize=bs, seed=cfg, device=dev)
+    packed, state, w64 = _weight(n, k, blocksize=bs, dq=dq, seed=cfg, device=dev)
     g = torch.Generator().manual_seed(cfg)
     x = torch.randn(m, k, generator=g).to(dtype).to(dev)
     bias = torch.randn(n, generator=g).to(dtype).to(dev)
@@ -936,11 +1020,14 @@ def test_gpu_qlora_linear(dtype, rows, n, k, p):
 
 
 @pytest.mark.gpu
-def test_gpu_dropout_dx_right_on_a_new_autotuning_key():
+def test_gpu_dropout_dx_right_on_a_new_autotuning_key(monkeypatch):
     """The dX kernel with dropout adds into dx in place and is autotuned on the first call of
     each K: every timing run must start from the same dx, so that call's dX equals the composed
     path's (without restore_value it came out 26-49x too large at M=8192 on an H200)."""
     assert qlora.FUSED_DROPOUT_ON_CUDA
+    knobs = getattr(getattr(triton, "knobs", None), "autotuning", None)
+    if knobs is not None and hasattr(knobs, "cache"):
+        monkeypatch.setattr(knobs, "cache", False)  # no tuning results from the disk cache
     qlora._lora_grad_x_dropout_kernel.cache.clear()  # a fresh key: the next call autotunes
     packed, state, _ = _weight(512, 2048, seed=9, device="cuda", scale=0.02)
     x, a, b, _ = _inputs((1024,), 512, 2048, 16, torch.bfloat16, "cuda", bias=False)
@@ -998,15 +1085,11 @@ def test_gpu_nf4_matmul_every_config(monkeypatch, cfg, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gpu_nf4_matmul_dequantizes_exactly(dtype):
+def test_gpu_nf4_matmul_dequantizes_exactly(monkeypatch, dtype):
     n, k = 4096, 4096
     packed, state, _ = _weight(n, k, seed=1, device="cuda", scale=0.02)
     cols = torch.tensor([0, 1, 63, 64, 1000, 2047, 4032, 4095])
-    x = torch.zeros(len(cols), k, dtype=dtype, device="cuda")
-    x[torch.arange(len(cols)), cols] = 1
-    w = dequantize_4bit(packed, state, dtype=dtype)
-    assert torch.equal(nf4_matmul(x, packed, state), w[:, cols.cuda()].t())
-    assert torch.equal(nf4_matmul(x[:1], packed, state), w[:, cols[:1].cuda()].t())
+    _check_one_hot(monkeypatch, packed, state, dtype, cols, (1, 8))
 
 
 @pytest.mark.gpu
