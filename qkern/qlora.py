@@ -267,6 +267,27 @@ def _nf4_sub_fma(
 
 
 @triton.jit
+def _sub_tile(c, c_end, q_rows, rh2, n_ok2, k_ok, el_row, n_ok, absmax_ptr, nabs_ptr, ncode_ptr,
+              offset, SUB: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+              EXACT_MUL: tl.constexpr):  # fmt: skip
+    """The tensor-core variants' [BLOCK_N, SUB/2] packed bytes of sub-chunk c and the rows'
+    block scales ([BLOCK_N, 1]); bytes of sub-chunks at or past c_end load as 0."""
+    packed = tl.load(q_rows + c * (SUB // 2) + rh2, mask=n_ok2 & k_ok, other=0)
+    el = el_row + c * SUB
+    am = _block_absmax(
+        el // BLOCKSIZE,
+        n_ok & (el * 0 + c < c_end),
+        absmax_ptr,
+        nabs_ptr,
+        ncode_ptr,
+        offset,
+        DOUBLE_QUANT,
+        EXACT_MUL,
+    )
+    return packed, am[:, None]
+
+
+@triton.jit
 def _nf4_sub_dot(
     acc,
     c,
@@ -300,18 +321,9 @@ def _nf4_sub_dot(
     """
     HALF: tl.constexpr = SUB // 2
     k_ok = rh2 * 0 + c < c_end  # [1, HALF]
-    packed = tl.load(q_rows + c * HALF + rh2, mask=n_ok2 & k_ok, other=0)
-    el = el_row + c * SUB
-    am = _block_absmax(
-        el // BLOCKSIZE,
-        n_ok & (el * 0 + c < c_end),
-        absmax_ptr,
-        nabs_ptr,
-        ncode_ptr,
-        offset,
-        DOUBLE_QUANT,
-        EXACT_MUL,
-    )[:, None]
+    packed, am = _sub_tile(c, c_end, q_rows, rh2, n_ok2, k_ok, el_row, n_ok, absmax_ptr,
+                           nabs_ptr, ncode_ptr, offset, SUB, BLOCKSIZE, DOUBLE_QUANT,
+                           EXACT_MUL)  # fmt: skip
     w_even, w_odd = _code_pair(packed, code_ptr, code_addr, DECODE)  # [BLOCK_N, HALF]
     w_even = (w_even * am).to(cdt)
     w_odd = (w_odd * am).to(cdt)
@@ -369,20 +381,10 @@ def _nf4_sub_dot_t(
     cdt(code · absmax): the scale is applied in fp32 after the products (same order of error,
     not dequantize_4bit's bits).
     """
-    HALF: tl.constexpr = SUB // 2
-    k_ok = rh2 * 0 + c < c_end  # [1, HALF]
-    packed = tl.load(q_rows + c * HALF + rh2, mask=n_ok2 & k_ok, other=0)
-    el = el_row + c * SUB
-    am = _block_absmax(
-        el // BLOCKSIZE,
-        n_ok & (el * 0 + c < c_end),
-        absmax_ptr,
-        nabs_ptr,
-        ncode_ptr,
-        offset,
-        DOUBLE_QUANT,
-        EXACT_MUL,
-    )[:, None]
+    k_ok = rh2 * 0 + c < c_end  # [1, SUB / 2]
+    packed, am = _sub_tile(c, c_end, q_rows, rh2, n_ok2, k_ok, el_row, n_ok, absmax_ptr,
+                           nabs_ptr, ncode_ptr, offset, SUB, BLOCKSIZE, DOUBLE_QUANT,
+                           EXACT_MUL)  # fmt: skip
     if PAIRS:
         # little endian: the low half of a table word is the high nibble's code (element 2j)
         at = (code_addr | (packed.to(tl.int32) << 2).to(tl.int64)).to(tl.pointer_type(tl.int32))
