@@ -408,6 +408,36 @@ _D256_SPLIT = [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2)]
 _KEY = ["bucket_q", "bucket_k", "D_PAD", "CAUSAL", "SOFTCAP", "VARLEN", "TMA_OK"]
 
 
+@triton.jit
+def _fwd_ranges(
+    q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, pos, offs_n, offs_d, lo, f_lo, f_hi,
+    hi, lk, left, right, qk_scale, cap_scale, BLOCK_M: tl.constexpr, D: tl.constexpr,
+    D_PAD: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr, WS: tl.constexpr,
+):  # fmt: skip
+    """(acc, l_i, m_i) of a row tile over keys [lo, hi): _fwd_inner masked on the edge ranges
+    [lo, f_lo) and [f_hi, hi), unmasked on the whole blocks [f_lo, f_hi) every real row sees."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, pos, offs_n,
+        offs_d, lo, f_lo, lk, left, right, qk_scale, cap_scale,
+        D, D_PAD, True, SOFTCAP, PREC, BLOCK_N, TMA, WS,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, pos, offs_n,
+        offs_d, f_lo, f_hi, lk, left, right, qk_scale, cap_scale,
+        D, D_PAD, False, SOFTCAP, PREC, BLOCK_N, TMA, WS,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, pos, offs_n,
+        offs_d, f_hi, hi, lk, left, right, qk_scale, cap_scale,
+        D, D_PAD, True, SOFTCAP, PREC, BLOCK_N, TMA, WS,
+    )  # fmt: skip
+    return acc, l_i, m_i
+
+
 @triton.autotune(
     configs=_fwd_configs(),
     key=_KEY,
@@ -470,25 +500,12 @@ def _attn_fwd_kernel(
             q_base + offs_m[:, None] * stride_qs + offs_d[None, :], offs_m, lq, offs_d, D, D_PAD,
             True,
         )  # fmt: skip
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     n_start, f_lo, f_hi, n_end = _key_range(m0, lq, lk, left, right, BLOCK_M, BLOCK_N)
     pos = offs_m + (lk - lq)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, pos, offs_n,
-        offs_d, n_start, f_lo, lk, left, right, qk_scale, cap_scale,
-        D, D_PAD, True, SOFTCAP, PREC, BLOCK_N, TMA, WS,
-    )  # fmt: skip
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, pos, offs_n,
-        offs_d, f_lo, f_hi, lk, left, right, qk_scale, cap_scale,
-        D, D_PAD, False, SOFTCAP, PREC, BLOCK_N, TMA, WS,
-    )  # fmt: skip
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, pos, offs_n,
-        offs_d, f_hi, n_end, lk, left, right, qk_scale, cap_scale,
-        D, D_PAD, True, SOFTCAP, PREC, BLOCK_N, TMA, WS,
+    acc, l_i, m_i = _fwd_ranges(
+        q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, pos, offs_n, offs_d, n_start,
+        f_lo, f_hi, n_end, lk, left, right, qk_scale, cap_scale,
+        BLOCK_M, D, D_PAD, SOFTCAP, PREC, BLOCK_N, TMA, WS,
     )  # fmt: skip
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -635,23 +652,10 @@ def _attn_fwd_split_kernel(
     f_lo = tl.minimum(tl.maximum(f_lo, lo), tl.maximum(hi, lo))
     f_hi = (tl.minimum(tl.maximum(off + right + 1, 0), lk) // BLOCK_N) * BLOCK_N
     f_hi = tl.minimum(tl.maximum(f_hi, f_lo), tl.maximum(hi, f_lo))
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, k_base, v_base, stride_ks, stride_vs, pos, offs_n,
-        offs_d, lo, f_lo, lk, left, right, qk_scale, cap_scale,
-        D, D_PAD, True, SOFTCAP, PREC, BLOCK_N, False, False,
-    )  # fmt: skip
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, k_base, v_base, stride_ks, stride_vs, pos, offs_n,
-        offs_d, f_lo, f_hi, lk, left, right, qk_scale, cap_scale,
-        D, D_PAD, False, SOFTCAP, PREC, BLOCK_N, False, False,
-    )  # fmt: skip
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, k_base, v_base, stride_ks, stride_vs, pos, offs_n,
-        offs_d, f_hi, hi, lk, left, right, qk_scale, cap_scale,
-        D, D_PAD, True, SOFTCAP, PREC, BLOCK_N, False, False,
+    acc, l_i, m_i = _fwd_ranges(
+        q, k_base, v_base, k_base, v_base, stride_ks, stride_vs, pos, offs_n, offs_d, lo, f_lo,
+        f_hi, hi, lk, left, right, qk_scale, cap_scale,
+        BLOCK_M, D, D_PAD, SOFTCAP, PREC, BLOCK_N, False, False,
     )  # fmt: skip
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
