@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from bench.common import Ceilings, Row, bench_ms
+from bench.common import Ceilings, Row, bench_ms, gpu_us
 
 M_TRAIN = 8192
 RANK = 16
@@ -54,34 +54,6 @@ def _host_us(fn, n: int = 200) -> float:
     t = time.perf_counter() - t0
     torch.cuda.synchronize()
     return t / n * 1e6
-
-
-_L2_FLUSH: list = []
-
-
-def _gpu_us(fn, n: int = 30) -> float:
-    """GPU µs per call with a cold L2 and the host out of the way (median of ``n``).
-
-    A spin kernel (~4 ms) holds the stream while the host queues ``n`` rounds of (L2 flush,
-    start event, fn, end event), so every fn starts the moment its flush ends: the events time
-    the kernels alone, as do_bench would if the host were infinitely fast.
-    """
-    if not _L2_FLUSH:
-        _L2_FLUSH.append(torch.empty(256 << 20, dtype=torch.int8, device="cuda"))
-    flush = _L2_FLUSH[0]
-    fn()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    torch.cuda._sleep(8_000_000)  # cycles: ~4 ms at ~2 GHz, more than the host needs to queue
-    for s, e in zip(starts, ends):
-        flush.zero_()
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
-    return times[n // 2]
 
 
 def _wall_us(fn, n: int = 200) -> float:
@@ -223,7 +195,7 @@ def _decode_lora_rows(n: int, k: int, packed, state, w) -> list[Row]:
             err = _rel(ours(), plain().float())
             t_q, t_t = bench_ms(ours), bench_ms(plain)
             for name, fn, t in (("qkern", ours, t_q), ("torch-bf16W", plain, t_t)):
-                extra = {"host_us": _host_us(fn), "gpu_us": _gpu_us(fn)}
+                extra = {"host_us": _host_us(fn), "gpu_us": gpu_us(fn)}
                 if name == "qkern":
                     extra.update(relerr=err, ratio_vs_torch=t_q / t_t)
                 case = f"M={m} {n}x{k} r={RANK} no_grad"
@@ -244,7 +216,7 @@ def _config_name(cfg: dict | None) -> str:
 
 def _variant_rows(n: int, k: int) -> list[Row]:
     """GPU time of every nf4_matmul candidate (forced) at M = 1, 2, 8, 16: the side-by-side
-    comparison behind the tuner's choice, with a cold L2 (see _gpu_us)."""
+    comparison behind the tuner's choice, with a cold L2 (see bench.common.gpu_us)."""
     import qkern.qlora as ql
 
     rows = []
@@ -258,7 +230,7 @@ def _variant_rows(n: int, k: int) -> list[Row]:
                 ql.NF4_MATMUL_CONFIG = cfg
                 ql._MM_CACHE.clear()  # a new entry with the forced configuration
                 y = ql.nf4_matmul(x, packed, state)
-                t = _gpu_us(lambda: ql.nf4_matmul(x, packed, state), n=10)  # noqa: B023
+                t = gpu_us(lambda: ql.nf4_matmul(x, packed, state), n=10)  # noqa: B023
                 rows.append(
                     Row(
                         "nf4_matmul_variant",
@@ -322,7 +294,7 @@ def _small_m_case(n: int, k: int) -> list[Row]:
             # host vs GPU: host_us > gpu_us means do_bench measured the Python, not the kernel
             "host_us": _host_us(ours),
             "host_us_out": _host_us(lambda: ql.nf4_matmul(x, packed, state, out=out)),  # noqa: B023
-            "gpu_us": _gpu_us(ours),
+            "gpu_us": gpu_us(ours),
             "wall_us": _wall_us(ours),
             # the configuration the tuner kept for this shape (see qlora._NF4_MM_CONFIGS)
             "config": _config_name(ql._mm_lookup(x, packed, state, None).config),
@@ -338,7 +310,7 @@ def _small_m_case(n: int, k: int) -> list[Row]:
                 bnb_extra = {
                     "relerr": _rel(y_b, ref),
                     "host_us": _host_us(bnb_mm),
-                    "gpu_us": _gpu_us(bnb_mm),
+                    "gpu_us": gpu_us(bnb_mm),
                 }
             extra["vs_bnb"] = t_b / t_q
             rows.append(
@@ -354,7 +326,7 @@ def _small_m_case(n: int, k: int) -> list[Row]:
             )
         bf16_extra = {
             "host_us": _host_us(lambda: x @ w.t()),  # noqa: B023
-            "gpu_us": _gpu_us(lambda: x @ w.t()),  # noqa: B023
+            "gpu_us": gpu_us(lambda: x @ w.t()),  # noqa: B023
         }
         rows.append(
             Row(

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 import qkern.qlora as ql
+from bench.common import gpu_us
 from qkern.nf4 import dequantize_4bit, quantize_4bit
 
 
@@ -58,32 +59,6 @@ def _read_op(buf: torch.Tensor, block: int = 1024, unroll: int = 4):
     grid = (triton.cdiv(n, block * unroll),)
     out = torch.empty(grid[0], dtype=torch.int32, device=buf.device)
     return lambda: _read_kernel[grid](words, out, n, BLOCK=block, UNROLL=unroll, num_warps=4)
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-        self.flush.random_()
-        self.sink = torch.empty((), dtype=torch.int64, device="cuda")
-
-    def us(self, fn, mode: str, n: int = 30) -> float:
-        words = self.flush.view(torch.int64)
-        fn()
-        torch.cuda.synchronize()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        torch.cuda._sleep(8_000_000)  # ~4 ms at ~2 GHz: the host queues every round meanwhile
-        for s, e in zip(starts, ends):
-            if mode == "dirty":
-                self.flush.zero_()
-            elif mode == "clean":
-                torch.sum(words, dim=0, out=self.sink)
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        ts = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
-        return ts[len(ts) // 2]
 
 
 def _ops(n: int, k: int, ms: list[int]) -> dict:
@@ -135,19 +110,18 @@ def main() -> None:
     torch.manual_seed(0)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shape or ["4096x4096", "14336x4096"]]
     ms = [int(v) for v in a.ms.split(",")]
-    timer = None if a.once else _Timer()
     rows = []
     with torch.no_grad():
         for n, k in shapes:
             for name, fn in _ops(n, k, ms).items():
-                if timer is None:
+                if a.once:
                     fn()
                     torch.cuda.synchronize()
                     print(f"{n}x{k} {name}", flush=True)  # the profiler's kernel order
                     continue
                 row = {"shape": f"{n}x{k}", "op": name}
                 row.update(
-                    {mode: round(timer.us(fn, mode), 2) for mode in ("dirty", "clean", "warm")}
+                    {mode: round(gpu_us(fn, flush=mode), 2) for mode in ("dirty", "clean", "warm")}
                 )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
