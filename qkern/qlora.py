@@ -388,7 +388,7 @@ def _nf4_sub_dot_t(
     if PAIRS:
         # little endian: the low half of a table word is the high nibble's code (element 2j)
         at = (code_addr | (packed.to(tl.int32) << 2).to(tl.int64)).to(tl.pointer_type(tl.int32))
-        words = tl.load(at)  # [BLOCK_N, HALF]
+        words = tl.load(at)  # [BLOCK_N, SUB / 2]
         first = words.to(tl.int16).to(cdt, bitcast=True)
         second = (words >> 16).to(tl.int16).to(cdt, bitcast=True)
         w = tl.interleave(first, second)  # [BLOCK_N, SUB] codes, k order
