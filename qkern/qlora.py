@@ -393,7 +393,7 @@ def _nf4_sub_dot_t(
         second = (words >> 16).to(tl.int16).to(cdt, bitcast=True)
         w = tl.interleave(first, second)  # [BLOCK_N, SUB] codes, k order
     else:
-        w_even, w_odd = _code_pair(packed, code_ptr, code_addr, DECODE)  # [BLOCK_N, HALF]
+        w_even, w_odd = _code_pair(packed, code_ptr, code_addr, DECODE)  # [BLOCK_N, SUB / 2]
         w = tl.interleave((w_even * am).to(cdt), (w_odd * am).to(cdt))  # [BLOCK_N, SUB], k order
     xt = tl.load(xt_rows + c * SUB + rk, mask=m_ok_t & (rk * 0 + c < c_end), other=0)
     if PAIRS:
