@@ -207,11 +207,20 @@ def _config_name(cfg: dict | None) -> str:
     """A short name of an nf4_matmul configuration, e.g. fma-n64-v16-u4-d1-w4-s8."""
     if cfg is None:
         return "fallback"
-    kind = ("fma", "dot", "dotT", "dotP")[int(cfg["DOT"])]
+    kind = ("fma", "dot", "dotT", "dotP", "native")[int(cfg["DOT"])]
     return (
         f"{kind}-n{cfg['BLOCK_N']}-v{cfg['VEC']}-u{cfg['UNROLL']}-d{cfg['DECODE']}"
         f"-w{cfg['num_warps']}-s{cfg['PER_SM']}"
     )
+
+
+def small_m_candidates(m: int, k: int, state) -> list[dict]:
+    """Every nf4_matmul candidate for bf16 x of M rows against this weight, native included
+    where it runs."""
+    import qkern.qlora as ql
+
+    native = ql._native_supported(m, k, state, torch.bfloat16, torch.device("cuda"))
+    return ql._nf4_candidates(m, torch.bfloat16, native)
 
 
 def _variant_rows(n: int, k: int) -> list[Row]:
@@ -226,7 +235,7 @@ def _variant_rows(n: int, k: int) -> list[Row]:
         for m in (1, 2, 8, 16):  # the M the tuner already compiled for
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ w.float().t()
-            for cfg in ql._nf4_candidates(m):
+            for cfg in small_m_candidates(m, k, state):
                 ql.NF4_MATMUL_CONFIG = cfg
                 ql._MM_CACHE.clear()  # a new entry with the forced configuration
                 y = ql.nf4_matmul(x, packed, state)

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 import qkern.qlora as ql
+from bench.bench_qlora import _config_name, small_m_candidates
 from bench.common import gpu_us
 from qkern.nf4 import dequantize_4bit, quantize_4bit
 
@@ -86,14 +87,13 @@ def _ops(n: int, k: int, ms: list[int]) -> dict:
         if bnb is not None:
             ops[f"M={m} bitsandbytes"] = lambda x=x: bnb.matmul_4bit(x, bw.t(), quant_state=bs)
         try:
-            for cfg in ql._nf4_candidates(m):
+            for cfg in small_m_candidates(m, k, state):
                 ql.NF4_MATMUL_CONFIG = cfg
                 ql._MM_CACHE.clear()  # a new launch entry with the forced configuration
                 e = ql._mm_lookup(x, packed, state, None)
-                kind = ("fma", "dot", "dotT", "dotP")[int(cfg["DOT"])]
-                name = f"M={m} qkern {kind}-n{cfg['BLOCK_N']}-u{cfg['UNROLL']}-s{cfg['PER_SM']}"
-                name += f"-v{cfg['VEC']}-d{cfg['DECODE']}-w{cfg['num_warps']}"
-                ops[name] = lambda e=e, x=x: ql._mm_run(e, x, packed, None, None)
+                ops[f"M={m} qkern {_config_name(cfg)}"] = lambda e=e, x=x: ql._mm_run(
+                    e, x, packed, None, None
+                )
         finally:
             ql.NF4_MATMUL_CONFIG = None
             ql._MM_CACHE.clear()

@@ -69,6 +69,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from qkern import _native
 from qkern._backend import (
     check_float,
     check_same_device,
@@ -930,6 +931,11 @@ def nf4_matmul_supported(in_features: int, state: QuantState) -> bool:
 #     16-byte load, 32 weights); UNROLL sub-chunks per loop iteration; DECODE (see _code_pair).
 #   PER_SM: split K so that the grid has about PER_SM programs per SM, all resident at once
 #     (one wave); 0 = no split (one program per row tile owns all of K).
+#   DOT 4: the native CUDA kernel of csrc/nf4_small_m.cu (16-bit x, M <= 16; see
+#     _native_supported): blocks of num_warps warps splitting K, each walking row tiles of 16;
+#     PER_SM = resident blocks per SM the registers must allow (halved for M > 8), which sizes
+#     the grid to one wave (see _native_configure); it rounds like DOT 3. Without a usable
+#     native kernel it runs as the DOT 3 configuration _NATIVE_STANDIN.
 # Memory arithmetic (H200: ~4.2 TB/s at ~1 µs loaded latency needs ~4 MB in flight, ~32 KB per
 # SM): an FMA program of 4 warps with BLOCK_N = 64, SUB = 64 (32 bytes per row) and UNROLL = 4
 # loads 64 x 32 x 4 = 8 KB per iteration (one 16-byte vector per thread and sub-chunk); 8 of
@@ -957,6 +963,9 @@ _NF4_MM_CONFIGS = tuple(
         (3, 64, 16, 2, 1, 4, 8),
         (3, 64, 16, 4, 1, 4, 4),
         (3, 128, 16, 2, 1, 8, 4),
+        (4, 16, 16, 4, 1, 8, 2),
+        (4, 16, 16, 4, 1, 4, 4),
+        (4, 16, 16, 4, 1, 4, 3),
     )
 )
 
@@ -971,11 +980,35 @@ _NF4_TUNE = True
 _NF4_TUNED: dict[tuple, dict] = {}
 
 
-def _nf4_candidates(m: int, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+def _nf4_candidates(
+    m: int, dtype: torch.dtype = torch.bfloat16, native: bool = False
+) -> list[dict]:
     """The configurations that apply to M rows of x in ``dtype``: FMA ones up to _FMA_MAX_M, x·Wᵀ
-    dot ones from 2, W·xᵀ dot ones from 1, the byte-pair ones from 1 for 16-bit x."""
-    fits = {0: m <= _FMA_MAX_M, 1: m >= 2, 2: True, 3: dtype != torch.float32}
+    dot ones from 2, W·xᵀ dot ones from 1, the byte-pair ones from 1 for 16-bit x, and the native
+    ones for 16-bit x and M <= 16 when ``native`` (the native kernel runs for this weight)."""
+    half = dtype != torch.float32
+    fits = {0: m <= _FMA_MAX_M, 1: m >= 2, 2: True, 3: half, 4: native and half and m <= 16}
     return [c for c in _NF4_MM_CONFIGS if fits[c["DOT"]]]
+
+
+# what a forced native configuration runs when the native kernel cannot (same rounding)
+_NATIVE_STANDIN = dict(zip(_NF4_MM_KEYS, (3, 64, 16, 2, 1, 4, 8)))
+
+
+def _native_supported(m: int, k: int, state: QuantState, dtype: torch.dtype, device) -> bool:
+    """Whether csrc/nf4_small_m.cu runs this call: a CUDA device where native kernels load,
+    16-bit x, M <= 16, K a multiple of 64 and a power-of-two blocksize >= 64 (a 64-element chunk
+    of a row then lies in one quant block), NF4 or FP4 codes in a 16-entry table, N·K < 2^31."""
+    return (
+        dtype in (torch.bfloat16, torch.float16)
+        and 1 <= m <= 16
+        and k % 64 == 0
+        and state.blocksize >= 64
+        and state.blocksize & (state.blocksize - 1) == 0
+        and state.code.numel() == 16
+        and math.prod(state.shape) < 2**31  # the kernel indexes W with 32-bit integers
+        and _native.available(device)
+    )
 
 
 @dataclasses.dataclass
@@ -1121,6 +1154,8 @@ class _MMEntry:
         "meta",
         "compiled",
         "config",
+        "native",
+        "keep",
     )
 
 
@@ -1169,7 +1204,8 @@ def _mm_entry(
         e.word = 8 if x.dtype == torch.float32 else 4
         cfg = NF4_MATMUL_CONFIG
         if cfg is None:
-            cands = pick_configs(_nf4_candidates(e.m, e.dtype))
+            native = _native_supported(e.m, k, state, e.dtype, e.device)
+            cands = pick_configs(_nf4_candidates(e.m, e.dtype, native))
             # no timing inside a CUDA-graph capture (it synchronizes): an untuned shape met
             # there for the first time takes the first candidate
             capturing = e.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -1177,6 +1213,8 @@ def _mm_entry(
                 cfg = _NF4_TUNED.get(_nf4_tune_key(e, state, bias), cands[0])
             else:
                 cfg = _nf4_tune(e, x, packed, state, bias, cands)
+        if cfg["DOT"] == 4 and not _native_supported(e.m, k, state, e.dtype, e.device):
+            cfg = _NATIVE_STANDIN
         _mm_configure(e, state, bias, _runnable_config(cfg, state.code, e.dtype, e.device))
     if len(entries) >= _MM_MAX_KEYS:
         entries.clear()
@@ -1193,12 +1231,14 @@ def _runnable_config(cfg: dict, code: torch.Tensor, dtype: torch.dtype, device) 
     aligned copy yet takes the W-first variant / the add-addressed decode instead.
     """
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if cfg["DOT"] == 4 and capturing and (id(code), dtype) not in _CODE_DERIVED:
+        cfg = {**_NATIVE_STANDIN, "DOT": 2}
     if cfg["DOT"] == 3 and (
         dtype == torch.float32 or (capturing and (id(code), dtype) not in _CODE_DERIVED)
     ):
         cfg = {**cfg, "DOT": 2}
     if (
-        cfg["DOT"] != 3
+        cfg["DOT"] < 3
         and cfg["DECODE"] == 1
         and capturing
         and code.data_ptr() % 64
@@ -1211,6 +1251,9 @@ def _runnable_config(cfg: dict, code: torch.Tensor, dtype: torch.dtype, device) 
 def _mm_configure(e: _MMEntry, state: QuantState, bias: torch.Tensor | None, cfg: dict) -> None:
     """Fill entry ``e``'s launch arguments for configuration ``cfg``."""
     n, k = (int(d) for d in state.shape)
+    if cfg["DOT"] == 4:
+        _native_configure(e, state, bias, cfg)
+        return
     plan = _nf4_plan(e.m, n, k, state.blocksize, e.device, cfg)
     dq = state.nested_absmax is not None
     e.config = cfg
@@ -1255,6 +1298,89 @@ def _mm_configure(e: _MMEntry, state: QuantState, bias: torch.Tensor | None, cfg
     e.compiled = {}
 
 
+def _native_configure(e: _MMEntry, state: QuantState, bias: torch.Tensor | None, cfg: dict) -> None:
+    """Entry ``e`` for the native kernel (csrc/nf4_small_m.cu): the compiled variant, its grid
+    and its argument slots, of which a call rewrites x, packed, bias and y.
+
+    One wave: ``resident`` = blocks per SM (PER_SM; half of it with two MMA column tiles,
+    whose registers allow fewer) x SMs. K is split when there are fewer row tiles than resident
+    blocks (whole groups of 4 chunks per split); the blocks of a split walk its row tiles
+    (grid.x = min(tiles, resident / splits)). Split-K scratch: fp32 partials [tiles, splits,
+    16, 8·NT] and per-tile counters the kernel leaves at zero."""
+    n, k = (int(d) for d in state.shape)
+    dq = state.nested_absmax is not None
+    nt = 1 if e.m <= 8 else 2
+    warps = cfg["num_warps"]
+    per_sm = cfg["PER_SM"] if nt == 1 else max(1, cfg["PER_SM"] // 2)
+    defines = dict(
+        X_F16=int(e.dtype == torch.float16), NT=nt, DQ=int(dq), HAS_BIAS=int(bias is not None),
+        WARPS=warps, MIN_BLOCKS=per_sm,
+    )  # fmt: skip
+    kernel = _native.kernel("nf4_small_m.cu", "nf4_small_m", defines, e.device)
+    tiles = triton.cdiv(n, 16)
+    groups = triton.cdiv(k // 64, 4)
+    resident = per_sm * num_sms(e.device)
+    splits = max(1, min(groups, resident // tiles))
+    per_split = triton.cdiv(groups, splits) * 4  # chunks
+    splits = triton.cdiv(k // 64, per_split)
+    grid_x = min(tiles, triton.cdiv(resident, splits))
+    part = _cached_buffer(
+        ("nf4native_part", e.device), tiles * splits * 16 * 8 * nt, torch.float32, e.device
+    )
+    locks = _cached_buffer(("nf4native_lock", e.device), tiles, torch.int32, e.device, True)
+    pair = _pair_table(state.code, e.dtype)
+    e.config = cfg
+    e.grid = (grid_x, splits)
+    e.mid = (kernel, warps * 32)
+    e.tail = None
+    e.meta = None
+    e.compiled = None
+    e.native = _native.Args(
+        "pppppppppp" + "iiiiid",
+        (
+            0,  # x
+            0,  # packed
+            state.absmax.data_ptr(),
+            (state.nested_absmax if dq else state.absmax).data_ptr(),
+            (state.nested_code if dq else state.code).data_ptr(),
+            pair.data_ptr(),
+            0,  # bias
+            0,  # y
+            part.data_ptr(),
+            locks.data_ptr(),
+            e.m,
+            n,
+            k,
+            state.blocksize.bit_length() - 1,
+            per_split,
+            float(state.offset) if dq else 0.0,
+        ),
+    )
+    # the state's tensors and the scratch must outlive the entry's raw pointers
+    e.keep = (state.absmax, state.nested_absmax, state.nested_code, state.code, pair, part, locks)
+
+
+def _native_run(
+    e: _MMEntry, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor
+) -> None:
+    """One launch of the native kernel for entry ``e`` (x, packed, bias and y as in _mm_run)."""
+    if x.data_ptr() % 16 or not x.is_contiguous():
+        x = x.clone(memory_format=torch.contiguous_format)  # 16-byte loads of x
+    if packed.data_ptr() % 8 or not packed.is_contiguous():
+        packed = packed.clone(memory_format=torch.contiguous_format)  # 8-byte loads of W
+    args = e.native
+    args.set(0, x.data_ptr())
+    args.set(1, packed.data_ptr())
+    if bias is not None:
+        b = _as(bias, e.dtype)
+        if not b.is_contiguous():
+            b = b.contiguous()
+        args.set(6, b.data_ptr())
+    args.set(7, y.data_ptr())
+    kernel, block = e.mid
+    kernel.launch(e.grid, block, args.params, torch.cuda.current_stream(e.device).cuda_stream)
+
+
 def _nf4_tune_key(e: _MMEntry, state: QuantState, bias: torch.Tensor | None) -> tuple:
     n, k = (int(d) for d in state.shape)
     dq = state.nested_absmax is not None
@@ -1281,6 +1407,7 @@ def _nf4_tune(
         def timed(cfg: dict) -> float:
             trial = _MMEntry()
             trial.m, trial.out_shape, trial.dtype, trial.word = e.m, e.out_shape, e.dtype, e.word
+            trial.fused = True
             trial.device = e.device
             _mm_configure(trial, state, bias, cfg)
             fn = lambda: _mm_run(trial, x, packed, bias, y)  # noqa: E731
@@ -1325,6 +1452,9 @@ def _mm_run(
     # cheapest allocation call
     y = x.new_empty(e.out_shape) if out is None else out
     if e.m == 0:
+        return y
+    if e.compiled is None:
+        _native_run(e, x, packed, bias, y)
         return y
     xp = x.data_ptr()
     if xp % e.word or not x.is_contiguous():

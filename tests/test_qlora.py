@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import triton
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qkern
@@ -443,15 +443,29 @@ def _one_hot_weights(packed, state, dtype, byte_pairs):
     return (st.code.to(dtype).float()[q] * scale).to(dtype).view(n, k)
 
 
+def _applies(config, m, dtype):
+    """Whether ``config`` is a candidate for M rows of ``dtype`` on some machine (native ones
+    included: forced where the native kernel cannot run, they run their Triton stand-in)."""
+    return config in qlora._nf4_candidates(m, dtype, native=True)
+
+
+def _expected_config(config, m, state, dtype, device):
+    """The configuration a forced ``config`` runs with: itself, or the native stand-in."""
+    k = state.shape[1]
+    if config["DOT"] == 4 and not qlora._native_supported(m, k, state, dtype, device):
+        return qlora._NATIVE_STANDIN
+    return config
+
+
 def _check_one_hot(monkeypatch, packed, state, dtype, cols, m_values):
     """Every applicable candidate, forced, on one-hot rows of x picking ``cols``."""
     n, k = state.shape
     dev = packed.device
     checked = 0
     for config in qlora._NF4_MM_CONFIGS:
-        w = _one_hot_weights(packed, state, dtype, config["DOT"] == 3)
+        w = _one_hot_weights(packed, state, dtype, config["DOT"] >= 3)
         for m in m_values:
-            if config not in qlora._nf4_candidates(m, dtype):
+            if not _applies(config, m, dtype):
                 continue
             monkeypatch.setattr(qlora, "NF4_MATMUL_CONFIG", config)
             monkeypatch.setattr(qlora, "_MM_CACHE", {})  # a new entry with this configuration
@@ -460,7 +474,8 @@ def _check_one_hot(monkeypatch, packed, state, dtype, cols, m_values):
             x[torch.arange(m), c.to(dev)] = 1
             with qkern.backend("triton"):
                 y = nf4_matmul(x, packed, state)
-                assert qlora._mm_lookup(x, packed, state, None).config is config
+                entry = qlora._mm_lookup(x, packed, state, None)
+            assert entry.config == _expected_config(config, m, state, dtype, dev)
             assert torch.equal(y.cpu(), w[:, c].t()), config
             checked += 1
     assert checked >= 4
@@ -591,7 +606,7 @@ def test_nf4_matmul_every_config(monkeypatch, cfg, case):
     config = qlora._NF4_MM_CONFIGS[cfg]
     if config["DOT"]:
         m = m + 13  # the tensor-core variants: 14 to 16 rows here
-    if config not in qlora._nf4_candidates(m, dtype):
+    if not _applies(config, m, dtype):
         pytest.skip("not a candidate for this dtype")  # the byte-pair variants: 16-bit x only
     monkeypatch.setattr(qlora, "NF4_MATMUL_CONFIG", config)
     dev = kernel_device()
@@ -603,7 +618,7 @@ def test_nf4_matmul_every_config(monkeypatch, cfg, case):
         y = nf4_matmul(x, packed, state, bias, out=poisoned((m, n), dtype, dev))
         entry = qlora._mm_lookup(x, packed, state, bias)
         y1 = nf4_matmul(x[:1], packed, state)
-    assert entry.config is config
+    assert entry.config == _expected_config(config, m, state, dtype, dev)
     ref64 = x.double().cpu() @ w64.t() + bias.double().cpu()
     same = (x.cpu().float() @ w64.float().t().to(dtype).float()).to(dtype) + bias.cpu()
     assert_close_rule(y, ref64, same, atol=_atol(ref64, dtype))
@@ -677,6 +692,31 @@ def test_nf4_matmul_candidates_cover_small_m():
         assert any(c["DOT"] == 2 for c in cands)
         assert any(c["DOT"] == 3 for c in cands)
         assert not any(c["DOT"] == 3 for c in qlora._nf4_candidates(m, torch.float32))
+        assert not any(c["DOT"] == 4 for c in cands)  # native ones only where they run
+        native = qlora._nf4_candidates(m, torch.bfloat16, native=True)
+        assert any(c["DOT"] == 4 for c in native)
+        assert not any(c["DOT"] == 4 for c in qlora._nf4_candidates(m, torch.float32, True))
+    assert not any(c["DOT"] == 4 for c in qlora._nf4_candidates(17, torch.float16, True))
+
+
+def test_native_kernel_needs_cuda_and_a_supported_shape():
+    # the native small-M kernel (csrc/nf4_small_m.cu) is only offered where it runs: a CUDA
+    # device with the NVRTC library, 16-bit x, M <= 16, K % 64 == 0 and a power-of-two
+    # blocksize >= 64; a forced native configuration elsewhere runs its Triton stand-in, which
+    # rounds the same way (checked by the one-hot tests above)
+    _, state, _ = _weight(8, 128, blocksize=64)
+    assert not qlora._native_supported(1, 128, state, torch.float16, torch.device("cpu"))
+    from qkern import _native
+
+    if not _native.available("cuda"):
+        return
+    _, st32, _ = _weight(8, 128, blocksize=32)
+    ok = qlora._native_supported
+    assert ok(1, 128, state, torch.bfloat16, "cuda") and ok(16, 128, state, torch.float16, "cuda")
+    assert not ok(17, 128, state, torch.bfloat16, "cuda")
+    assert not ok(1, 128, state, torch.float32, "cuda")
+    assert not ok(1, 96, state, torch.bfloat16, "cuda")
+    assert not ok(1, 128, st32, torch.bfloat16, "cuda")
 
 
 def _record_host_path(monkeypatch):
@@ -1073,14 +1113,93 @@ def test_gpu_nf4_matmul_every_config(monkeypatch, cfg, dtype):
     for n, k in ((4096, 4096), (1000, 96)):
         packed, state, w64 = _weight(n, k, seed=cfg, device="cuda", scale=0.02)
         for m in (1, 8):
-            if config not in qlora._nf4_candidates(m, dtype):
+            if not _applies(config, m, dtype):
                 continue
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             y = nf4_matmul(x, packed, state, out=poisoned((m, n), dtype, "cuda"))
-            assert qlora._mm_lookup(x, packed, state, None).config is config
+            entry = qlora._mm_lookup(x, packed, state, None)
+            assert entry.config == _expected_config(config, m, state, dtype, "cuda")
             ref64 = x.double() @ w64.cuda().t()
             same = x @ dequantize_4bit(packed, state, dtype=dtype).t()
             assert_close_rule(y, ref64, same, atol=_atol(ref64, dtype))
+
+
+@pytest.mark.gpu
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(1, 16),
+    n=st.sampled_from([1, 15, 16, 37, 1000, 4096]),
+    k=st.sampled_from([64, 192, 320, 1024, 4096]),
+    bs=st.sampled_from([64, 128, 256]),
+    dq=st.booleans(),
+    half=st.booleans(),
+    with_bias=st.booleans(),
+    cfg=st.sampled_from([c for c in qlora._NF4_MM_CONFIGS if c["DOT"] == 4]),
+    sms=st.sampled_from([0, 1, 3]),
+)
+def test_gpu_native_small_m_kernel(m, n, k, bs, dq, half, with_bias, cfg, sms):
+    # the native kernel over its whole domain: M = 1..16 (one or two MMA column tiles), N not a
+    # multiple of the 16-row tile, K of 1 to 64 chunks (partial groups of 4, empty warps),
+    # blocksizes 64..256 with and without double quant, a bias, split-K (few row tiles), blocks
+    # walking many row tiles (the grid sized for a pretend GPU of 1 or 3 SMs), both 16-bit
+    # dtypes; poisoned outputs; a second call (counters left at zero) gives the same bits
+    from qkern import _native
+
+    if not _native.available("cuda"):
+        pytest.skip("native kernels unavailable")
+    dtype = torch.float16 if half else torch.bfloat16
+    packed, state, w64 = _weight(n, k, blocksize=bs, dq=dq, seed=m + n + k, device="cuda",
+                                 scale=0.02)  # fmt: skip
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype) if with_bias else None
+    old = qlora.NF4_MATMUL_CONFIG, qlora.num_sms
+    qlora.NF4_MATMUL_CONFIG = cfg
+    if sms:
+        qlora.num_sms = lambda device=None: sms
+    try:
+        y = nf4_matmul(x, packed, state, bias, out=poisoned((m, n), dtype, "cuda"))
+        entry = qlora._mm_lookup(x, packed, state, bias)
+        y2 = nf4_matmul(x, packed, state, bias)
+    finally:
+        qlora.NF4_MATMUL_CONFIG, qlora.num_sms = old
+    assert entry.config is cfg and entry.compiled is None  # the native launch
+    ref64 = x.double() @ w64.cuda().t()
+    same = x @ dequantize_4bit(packed, state, dtype=dtype).t()
+    if bias is not None:
+        ref64 = ref64 + bias.double()
+        same = same + bias
+    assert_close_rule(y, ref64, same, atol=_atol(ref64, dtype))
+    assert torch.equal(y, y2)
+
+
+@pytest.mark.gpu
+def test_gpu_native_small_m_kernel_misaligned_x_and_graph_capture(monkeypatch):
+    # x at an odd element offset (the launcher copies it to an aligned buffer) and a CUDA-graph
+    # capture of the native launch (it runs on the current stream) replayed with new x
+    from qkern import _native
+
+    if not _native.available("cuda"):
+        pytest.skip("native kernels unavailable")
+    cfg = next(c for c in qlora._NF4_MM_CONFIGS if c["DOT"] == 4 and c["PER_SM"])
+    monkeypatch.setattr(qlora, "NF4_MATMUL_CONFIG", cfg)
+    packed, state, w64 = _weight(4096, 4096, seed=3, device="cuda", scale=0.02)
+    base = torch.randn(4 * 4096 + 1, device="cuda", dtype=torch.bfloat16)
+    x = base[1:].view(4, 4096)
+    assert x.data_ptr() % 16
+    y = nf4_matmul(x, packed, state)
+    assert qlora._mm_lookup(x, packed, state, None).compiled is None
+    same = x @ dequantize_4bit(packed, state, dtype=torch.bfloat16).t()
+    assert_close_rule(y, x.double() @ w64.cuda().t(), same, atol=1e-2)
+    xs = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(4, 4096, device="cuda", dtype=torch.bfloat16)
+    nf4_matmul(xs, packed, state, out=out)  # the entry exists before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        nf4_matmul(xs, packed, state, out=out)
+    xs.copy_(torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, nf4_matmul(xs, packed, state))
 
 
 @pytest.mark.gpu
