@@ -177,8 +177,10 @@ def kernel(file: str, name: str, defines: dict[str, int], device: torch.device) 
         major, minor = torch.cuda.get_device_capability(index)
         cubin = compile_cubin((CSRC / file).read_text(), name, f"sm_{major}{minor}", defines)
         # a runtime call that needs the device's primary context makes it current on this
-        # thread (the driver-API module load needs one)
-        torch.cuda.synchronize(index)
+        # thread (the driver-API module load needs one); inside a CUDA-graph capture the
+        # context is current already, and a synchronize would break the capture
+        if not torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize(index)
         with torch.cuda.device(index):
             k = _KERNELS[key] = Kernel(cubin, name)
     return k

@@ -22,7 +22,8 @@ Two execution strategies, chosen by the number of rows M of x (all leading dims 
   into (beta=1), so no separate add pass exists (see ``_LORA_FIRST``).
 * **M <= NF4_MATMUL_MAX_M (decode, small batches)**: ``nf4_matmul``, a Triton split-K kernel
   that streams the packed bytes once and dequantizes them in registers (CUDA-core FMAs for
-  M <= 4 or tensor cores from M = 2, whichever a one-time timing per shape finds faster);
+  M <= 4 or tensor cores from M = 2, or the native CUDA kernel of csrc/nf4_small_m.cu for
+  16-bit x where it can run: whichever a one-time timing per shape finds faster);
   the bf16 weight never exists. Reading 4096x4096 NF4 is 8.4 MB
   (+0.26 MB absmax) ≈ 2 µs at 4.2 TB/s, against 33.5 MB for the bf16 weight (see
   ``_nf4_matmul_kernel`` and ``_nf4_plan``). At that size the host time per call matters as
