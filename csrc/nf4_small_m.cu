@@ -21,7 +21,8 @@
 // the same for A and B, so K is permuted inside a chunk: lane q reads bytes 8q..8q+7 of each of
 // its two rows (elements 16q..16q+15, one 8-byte load per row) and MMA i uses its bytes 2i and
 // 2i+1, i.e. elements 16q+4i..16q+4i+3, as the logical k (2q, 2q+1, 2q+8, 2q+9). The B operand
-// (x row g) then needs x elements 16q+4i..16q+4i+3, the words 2i and 2i+1 of one 32-byte load.
+// (x row g) then needs x elements 16q+4i..16q+4i+3: words 2i and 2i+1 of the lane's 32 bytes
+// of x (two 16-byte loads).
 // A chunk never straddles a quant block (blocksize % 64 == 0), so the 4 MMAs accumulate into a
 // temporary that is scaled by the row's block scale in fp32 and added to the accumulator: the
 // weight is the code rounded to the compute dtype, the scale applied to the fp32 sum of the
@@ -46,9 +47,6 @@ typedef unsigned long long u64;
 #endif
 #ifndef CHAINS  // independent MMA accumulator chains per chunk (1, 2 or 4)
 #define CHAINS 2
-#endif
-#ifndef LDS_VOLATILE
-#define LDS_VOLATILE 1
 #endif
 #ifndef L2_FETCH  // bytes an L2 miss of W fetches from DRAM (0: the default, 32-byte sectors)
 #define L2_FETCH 128
@@ -130,13 +128,9 @@ __device__ __forceinline__ float block_scale(const void* absmax, const float* ne
 // lane_table being the shared-window address of entry (0, lane) (one LEA per lookup)
 __device__ __forceinline__ u32 lookup(u32 lane_table, u32 b) {
     u32 v;
-#if LDS_VOLATILE
+    // volatile: the lookups of the first items depend only on loads issued before the
+    // barrier that publishes the table, and must not be hoisted above it
     asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lane_table + (b << 7)));
-#else
-    // not volatile: the compiler may schedule it freely (the table is written once, before a
-    // barrier, and read-only after it)
-    asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lane_table + (b << 7)));
-#endif
     return v;
 }
 

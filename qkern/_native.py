@@ -17,11 +17,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
 from pathlib import Path
 
 import torch
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_INVALID_CONTEXT = 201  # CUDA_ERROR_INVALID_CONTEXT
 
 
 def _env_enabled() -> bool:
@@ -126,7 +128,8 @@ def compile_cubin(source: str, name: str, arch: str, defines: dict[str, int]) ->
 class Kernel:
     """One loaded native kernel; ``launch`` takes prepared ctypes argument slots."""
 
-    def __init__(self, cubin: bytes, name: str) -> None:
+    def __init__(self, cubin: bytes, name: str, device: int) -> None:
+        self.device = device
         cuda = _libcuda()
         self._module = ctypes.c_void_p()
         _check(cuda, cuda.cuModuleLoadData(ctypes.byref(self._module), cubin), "cuModuleLoadData")
@@ -144,6 +147,11 @@ class Kernel:
         res = cuda.cuLaunchKernel(
             self.func, grid[0], grid[1], 1, block, 1, 1, 0, stream, params, None
         )
+        if res == _INVALID_CONTEXT:  # a thread that never made the context current
+            torch.cuda.synchronize(self.device)
+            res = cuda.cuLaunchKernel(
+                self.func, grid[0], grid[1], 1, block, 1, 1, 0, stream, params, None
+            )
         if res != 0:
             _check(cuda, res, "cuLaunchKernel")
 
@@ -166,21 +174,33 @@ class Args:
 
 _KERNELS: dict[tuple, Kernel] = {}
 
+# held around filling an entry's argument slots and launching (see qkern.qlora._native_run)
+LAUNCH_LOCK = threading.Lock()
+
+
+def _key(file: str, name: str, defines: dict[str, int], device: torch.device) -> tuple:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return (file, name, tuple(sorted(defines.items())), index)
+
+
+def loaded(file: str, name: str, defines: dict[str, int], device: torch.device) -> bool:
+    """Whether :func:`kernel` has this variant loaded on ``device`` already."""
+    return _key(file, name, defines, device) in _KERNELS
+
 
 def kernel(file: str, name: str, defines: dict[str, int], device: torch.device) -> Kernel:
     """The kernel ``name`` of ``csrc/<file>`` for ``defines`` on ``device``, compiled and loaded
     on first use."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (file, name, tuple(sorted(defines.items())), index)
+    key = _key(file, name, defines, device)
+    index = key[-1]
     k = _KERNELS.get(key)
     if k is None:
         major, minor = torch.cuda.get_device_capability(index)
         cubin = compile_cubin((CSRC / file).read_text(), name, f"sm_{major}{minor}", defines)
         # a runtime call that needs the device's primary context makes it current on this
-        # thread (the driver-API module load needs one); inside a CUDA-graph capture the
-        # context is current already, and a synchronize would break the capture
-        if not torch.cuda.is_current_stream_capturing():
-            torch.cuda.synchronize(index)
+        # thread (the driver-API module load needs one). Never called inside a CUDA-graph
+        # capture: a module load there would invalidate it (see qkern.qlora._native_configure)
+        torch.cuda.synchronize(index)
         with torch.cuda.device(index):
-            k = _KERNELS[key] = Kernel(cubin, name)
+            k = _KERNELS[key] = Kernel(cubin, name, index)
     return k

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 import weakref
 
 import torch
@@ -1009,6 +1010,7 @@ def _native_supported(m: int, k: int, state: QuantState, dtype: torch.dtype, dev
         and state.code.numel() == 16
         and math.prod(state.shape) < 2**31  # the kernel indexes W with 32-bit integers
         and _native.available(device)
+        and torch.device(device) not in _NATIVE_BROKEN
     )
 
 
@@ -1253,8 +1255,9 @@ def _mm_configure(e: _MMEntry, state: QuantState, bias: torch.Tensor | None, cfg
     """Fill entry ``e``'s launch arguments for configuration ``cfg``."""
     n, k = (int(d) for d in state.shape)
     if cfg["DOT"] == 4:
-        _native_configure(e, state, bias, cfg)
-        return
+        if _native_configure(e, state, bias, cfg):
+            return
+        cfg = _runnable_config(_NATIVE_STANDIN, state.code, e.dtype, e.device)
     plan = _nf4_plan(e.m, n, k, state.blocksize, e.device, cfg)
     dq = state.nested_absmax is not None
     e.config = cfg
@@ -1299,9 +1302,17 @@ def _mm_configure(e: _MMEntry, state: QuantState, bias: torch.Tensor | None, cfg
     e.compiled = {}
 
 
-def _native_configure(e: _MMEntry, state: QuantState, bias: torch.Tensor | None, cfg: dict) -> None:
+# devices where compiling or loading the native kernel failed once (it is not offered there
+# again; the failure was reported as a warning)
+_NATIVE_BROKEN: set[torch.device] = set()
+
+
+def _native_configure(e: _MMEntry, state: QuantState, bias: torch.Tensor | None, cfg: dict) -> bool:
     """Entry ``e`` for the native kernel (csrc/nf4_small_m.cu): the compiled variant, its grid
-    and its argument slots, of which a call rewrites x, packed, bias and y.
+    and its argument slots, of which a call rewrites x, packed, bias and y. False (``e``
+    untouched) when it cannot run here: inside a CUDA-graph capture unless the variant is
+    loaded and the scratch buffers exist (loading a module or filling a new buffer cannot be
+    captured), or when compiling / loading fails (a warning; the device is then marked broken).
 
     One wave: ``resident`` = blocks per SM (PER_SM; half of it with two MMA column tiles,
     whose registers allow fewer) x SMs. K is split when there are fewer row tiles than resident
@@ -1317,7 +1328,6 @@ def _native_configure(e: _MMEntry, state: QuantState, bias: torch.Tensor | None,
         X_F16=int(e.dtype == torch.float16), NT=nt, DQ=int(dq), HAS_BIAS=int(bias is not None),
         WARPS=warps, MIN_BLOCKS=per_sm,
     )  # fmt: skip
-    kernel = _native.kernel("nf4_small_m.cu", "nf4_small_m", defines, e.device)
     tiles = triton.cdiv(n, 16)
     groups = triton.cdiv(k // 64, 4)
     resident = per_sm * num_sms(e.device)
@@ -1325,10 +1335,28 @@ def _native_configure(e: _MMEntry, state: QuantState, bias: torch.Tensor | None,
     per_split = triton.cdiv(groups, splits) * 4  # chunks
     splits = triton.cdiv(k // 64, per_split)
     grid_x = min(tiles, triton.cdiv(resident, splits))
-    part = _cached_buffer(
-        ("nf4native_part", e.device), tiles * splits * 16 * 8 * nt, torch.float32, e.device
-    )
-    locks = _cached_buffer(("nf4native_lock", e.device), tiles, torch.int32, e.device, True)
+    part_key, part_numel = ("nf4native_part", e.device), tiles * splits * 16 * 8 * nt
+    lock_key = ("nf4native_lock", e.device)
+    if e.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        ready = _native.loaded("nf4_small_m.cu", "nf4_small_m", defines, e.device) and all(
+            key in _WORKSPACES and _WORKSPACES[key].numel() >= numel
+            for key, numel in ((part_key, part_numel), (lock_key, tiles))
+        )
+        if not ready or (id(state.code), e.dtype) not in _CODE_DERIVED:
+            return False
+    try:
+        kernel = _native.kernel("nf4_small_m.cu", "nf4_small_m", defines, e.device)
+    except (RuntimeError, OSError) as err:
+        _NATIVE_BROKEN.add(e.device)
+        warnings.warn(
+            f"qkern: the native small-M kernel is unavailable on {e.device} ({err}); "
+            "using the Triton kernels",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return False
+    part = _cached_buffer(part_key, part_numel, torch.float32, e.device)
+    locks = _cached_buffer(lock_key, tiles, torch.int32, e.device, True)
     pair = _pair_table(state.code, e.dtype)
     e.config = cfg
     e.grid = (grid_x, splits)
@@ -1359,6 +1387,7 @@ def _native_configure(e: _MMEntry, state: QuantState, bias: torch.Tensor | None,
     )
     # the state's tensors and the scratch must outlive the entry's raw pointers
     e.keep = (state.absmax, state.nested_absmax, state.nested_code, state.code, pair, part, locks)
+    return True
 
 
 def _native_run(
@@ -1369,6 +1398,13 @@ def _native_run(
         x = x.clone(memory_format=torch.contiguous_format)  # 16-byte loads of x
     if packed.data_ptr() % 8 or not packed.is_contiguous():
         packed = packed.clone(memory_format=torch.contiguous_format)  # 8-byte loads of W
+    # the entry's argument slots are shared: one launch at a time fills them (ctypes releases
+    # the GIL inside the driver call)
+    with _native.LAUNCH_LOCK:
+        _native_launch(e, x, packed, bias, y)
+
+
+def _native_launch(e: _MMEntry, x, packed, bias, y) -> None:
     args = e.native
     args.set(0, x.data_ptr())
     args.set(1, packed.data_ptr())
@@ -1379,7 +1415,12 @@ def _native_run(
         args.set(6, b.data_ptr())
     args.set(7, y.data_ptr())
     kernel, block = e.mid
-    kernel.launch(e.grid, block, args.params, torch.cuda.current_stream(e.device).cuda_stream)
+    stream = torch.cuda.current_stream(e.device).cuda_stream
+    if torch.cuda.current_device() != e.device.index:
+        with torch.cuda.device(e.device):  # the driver launches in the current context
+            kernel.launch(e.grid, block, args.params, stream)
+    else:
+        kernel.launch(e.grid, block, args.params, stream)
 
 
 def _nf4_tune_key(e: _MMEntry, state: QuantState, bias: torch.Tensor | None) -> tuple:

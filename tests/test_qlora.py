@@ -1172,6 +1172,63 @@ def test_gpu_native_small_m_kernel(m, n, k, bs, dq, half, with_bias, cfg, sms):
     assert torch.equal(y, y2)
 
 
+def test_native_kernel_failure_falls_back_with_a_warning(monkeypatch):
+    # a native kernel that fails to compile or load (here: a stub that raises) makes the entry
+    # run the Triton stand-in, warns once, and marks the device so it is not offered again
+    from qkern import _native
+
+    dev = kernel_device()
+    packed, state, w64 = _weight(24, 128, seed=6, device=dev)
+    monkeypatch.setattr(_native, "available", lambda device=None: True)
+    monkeypatch.setattr(qlora, "_NATIVE_BROKEN", set())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("NVRTC failed to compile (stub)")
+
+    monkeypatch.setattr(_native, "kernel", broken)
+    cfg = next(c for c in qlora._NF4_MM_CONFIGS if c["DOT"] == 4)
+    monkeypatch.setattr(qlora, "NF4_MATMUL_CONFIG", cfg)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(6)).to(torch.float16).to(dev)
+    assert qlora._native_supported(3, 128, state, torch.float16, torch.device(dev))
+    with qkern.backend("triton"), pytest.warns(RuntimeWarning, match="native small-M kernel"):
+        y = nf4_matmul(x, packed, state)
+        entry = qlora._mm_lookup(x, packed, state, None)
+    assert entry.config == qlora._NATIVE_STANDIN and entry.compiled is not None
+    assert not qlora._native_supported(3, 128, state, torch.float16, torch.device(dev))
+    same = (x.cpu().float() @ w64.float().t().to(torch.float16).float()).to(torch.float16)
+    assert_close_rule(y, x.double().cpu() @ w64.t(), same, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_native_first_use_inside_graph_capture_takes_the_stand_in(monkeypatch):
+    # a native variant not loaded yet (M = 9: two MMA column tiles) met for the first time
+    # inside a CUDA-graph capture: loading a module there would break the capture, so the
+    # entry runs the Triton stand-in (compiled beforehand here, as a warm-up would); the
+    # captured graph replays correctly
+    from qkern import _native
+
+    if not _native.available("cuda"):
+        pytest.skip("native kernels unavailable")
+    packed, state, w64 = _weight(1000, 1024, seed=8, device="cuda", scale=0.02)
+    x = torch.randn(9, 1024, device="cuda", dtype=torch.float16)
+    monkeypatch.setattr(qlora, "NF4_MATMUL_CONFIG", qlora._NATIVE_STANDIN)
+    nf4_matmul(x, packed, state)  # compiles the stand-in and builds the pair table
+    monkeypatch.setattr(qlora, "_MM_CACHE", {})
+    monkeypatch.setattr(_native, "_KERNELS", {})  # no native variant loaded
+    cfg = next(c for c in qlora._NF4_MM_CONFIGS if c["DOT"] == 4)
+    monkeypatch.setattr(qlora, "NF4_MATMUL_CONFIG", cfg)
+    out = torch.empty(9, 1000, device="cuda", dtype=torch.float16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        nf4_matmul(x, packed, state, out=out)
+    assert qlora._mm_lookup(x, packed, state, None).config == qlora._NATIVE_STANDIN
+    x.copy_(torch.randn(9, 1024, device="cuda", dtype=torch.float16))
+    graph.replay()
+    torch.cuda.synchronize()
+    same = x @ dequantize_4bit(packed, state, dtype=torch.float16).t()
+    assert_close_rule(out, x.double() @ w64.cuda().t(), same, atol=1e-2)
+
+
 @pytest.mark.gpu
 def test_gpu_native_small_m_kernel_misaligned_x_and_graph_capture(monkeypatch):
     # x at an odd element offset (the launcher copies it to an aligned buffer) and a CUDA-graph
