@@ -1205,9 +1205,9 @@ def _mm_entry(
     if e.fused and e.m > 0:
         # x is read as words of two elements: its data must be word aligned
         e.word = 8 if x.dtype == torch.float32 else 4
+        native = _native_supported(e.m, k, state, e.dtype, e.device)
         cfg = NF4_MATMUL_CONFIG
         if cfg is None:
-            native = _native_supported(e.m, k, state, e.dtype, e.device)
             cands = pick_configs(_nf4_candidates(e.m, e.dtype, native))
             # no timing inside a CUDA-graph capture (it synchronizes): an untuned shape met
             # there for the first time takes the first candidate
@@ -1216,7 +1216,7 @@ def _mm_entry(
                 cfg = _NF4_TUNED.get(_nf4_tune_key(e, state, bias), cands[0])
             else:
                 cfg = _nf4_tune(e, x, packed, state, bias, cands)
-        if cfg["DOT"] == 4 and not _native_supported(e.m, k, state, e.dtype, e.device):
+        if cfg["DOT"] == 4 and not native:
             cfg = _NATIVE_STANDIN
         _mm_configure(e, state, bias, _runnable_config(cfg, state.code, e.dtype, e.device))
     if len(entries) >= _MM_MAX_KEYS:
@@ -1231,11 +1231,10 @@ def _runnable_config(cfg: dict, code: torch.Tensor, dtype: torch.dtype, device) 
     The byte-pair table (DOT 3) exists for 16-bit x only: fp32 x takes the W-first variant of
     the same shape. Inside a CUDA-graph capture nothing may be allocated and filled for later
     eager calls (the fill would only be recorded): a code table that has no byte-pair table /
-    aligned copy yet takes the W-first variant / the add-addressed decode instead.
+    aligned copy yet takes the W-first variant / the add-addressed decode instead. (The native
+    configurations make the same checks, and more, in _native_configure.)
     """
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if cfg["DOT"] == 4 and capturing and (id(code), dtype) not in _CODE_DERIVED:
-        cfg = {**_NATIVE_STANDIN, "DOT": 2}
     if cfg["DOT"] == 3 and (
         dtype == torch.float32 or (capturing and (id(code), dtype) not in _CODE_DERIVED)
     ):
@@ -1398,29 +1397,28 @@ def _native_run(
         x = x.clone(memory_format=torch.contiguous_format)  # 16-byte loads of x
     if packed.data_ptr() % 8 or not packed.is_contiguous():
         packed = packed.clone(memory_format=torch.contiguous_format)  # 8-byte loads of W
-    # the entry's argument slots are shared: one launch at a time fills them (ctypes releases
-    # the GIL inside the driver call)
-    with _native.LAUNCH_LOCK:
-        _native_launch(e, x, packed, bias, y)
-
-
-def _native_launch(e: _MMEntry, x, packed, bias, y) -> None:
-    args = e.native
-    args.set(0, x.data_ptr())
-    args.set(1, packed.data_ptr())
+    b = None
     if bias is not None:
         b = _as(bias, e.dtype)
         if not b.is_contiguous():
             b = b.contiguous()
-        args.set(6, b.data_ptr())
-    args.set(7, y.data_ptr())
     kernel, block = e.mid
     stream = torch.cuda.current_stream(e.device).cuda_stream
-    if torch.cuda.current_device() != e.device.index:
-        with torch.cuda.device(e.device):  # the driver launches in the current context
+    switch = torch.cuda.current_device() != e.device.index
+    # the entry's argument slots are shared: one launch at a time fills them (ctypes releases
+    # the GIL inside the driver call)
+    with _native.LAUNCH_LOCK:
+        args = e.native
+        args.set(0, x.data_ptr())
+        args.set(1, packed.data_ptr())
+        if b is not None:
+            args.set(6, b.data_ptr())
+        args.set(7, y.data_ptr())
+        if switch:
+            with torch.cuda.device(e.device):  # the driver launches in the current context
+                kernel.launch(e.grid, block, args.params, stream)
+        else:
             kernel.launch(e.grid, block, args.params, stream)
-    else:
-        kernel.launch(e.grid, block, args.params, stream)
 
 
 def _nf4_tune_key(e: _MMEntry, state: QuantState, bias: torch.Tensor | None) -> tuple:
